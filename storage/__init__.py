@@ -1,1 +1,8 @@
-"""shardflow.storage."""
+"""Everything that touches bytes at rest: URIs, atomic publish, JSONL/Parquet, digests, manifests.
+
+Imports nothing else of the project, so every other part can depend on it.
+"""
+from .config import StorageConfig
+from .store import Storage, StorageError, digest_bytes, digest_json, split_protocol
+
+__all__ = ["Storage", "StorageConfig", "StorageError", "digest_bytes", "digest_json", "split_protocol"]

@@ -1,0 +1,154 @@
+"""Typed configuration of the data-preparation stages (the ``prep`` section of a pipeline file).
+
+Every stage owns one class here; a stage's config digest covers exactly its own class (plus the
+input list), so changing a filter threshold makes the filter shards stale and, through their new
+output digests, everything downstream — but not the clean stage.
+Defaults for the quality filters are datatrove's (GopherQualityFilter, GopherRepetitionFilter,
+C4QualityFilter, FineWebQualityFilter), so results compare with theirs.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ReadConfig(_Section):
+    format: Literal["auto", "jsonl", "parquet"] = "auto"
+    id_field: str = "id"
+    text_field: str = "text"
+    source_field: str | None = None
+    max_doc_bytes: int = Field(8 << 20, description="Longer documents are quarantined (reason 'too_long'), read in bounded memory.")
+
+
+class CleanConfig(_Section):
+    enabled: bool = True
+    unicode_form: Literal["NFC", "NFKC", "none"] = "NFC"
+    remove_control_chars: bool = True
+    remove_invisible_chars: bool = True
+    normalize_whitespace: bool = True
+    fix_mojibake: bool = False
+    remove_boilerplate_lines: bool = True
+    boilerplate_patterns: list[str] = Field(default_factory=lambda: [
+        r"(?i)^\s*(all rights reserved|cookie policy|privacy policy|terms of (use|service)|click here|subscribe( now)?|skip to (main )?content)\b.*$",
+        r"(?i)^\s*(previous|next|up|home|index|modules)\s*(\||$)",
+    ])
+    mask_emails: bool = False
+    mask_ips: bool = False
+    email_replacement: str = "<EMAIL>"
+    ip_replacement: str = "<IP>"
+    min_chars: int = Field(1, description="Documents shorter than this after cleaning are dropped ('empty_after_clean').")
+
+
+class LanguageFilterConfig(_Section):
+    enabled: bool = True
+    languages: list[str] = Field(default_factory=lambda: ["en"])
+    threshold: float = 0.65
+
+
+class GopherQualityConfig(_Section):
+    enabled: bool = True
+    min_doc_words: int | None = 50
+    max_doc_words: int | None = 100_000
+    min_avg_word_length: float | None = 3
+    max_avg_word_length: float | None = 10
+    max_symbol_word_ratio: float | None = 0.1
+    max_bullet_lines_ratio: float | None = 0.9
+    max_ellipsis_lines_ratio: float | None = 0.3
+    max_non_alpha_words_ratio: float | None = 0.8
+    min_stop_words: int | None = 2
+
+
+class GopherRepetitionConfig(_Section):
+    enabled: bool = True
+    dup_line_frac: float | None = 0.3
+    dup_para_frac: float | None = 0.3
+    dup_line_char_frac: float | None = 0.2
+    dup_para_char_frac: float | None = 0.2
+    top_n_grams: list[tuple[int, float]] = Field(default_factory=lambda: [(2, 0.2), (3, 0.18), (4, 0.16)])
+    dup_n_grams: list[tuple[int, float]] = Field(default_factory=lambda: [(5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12), (9, 0.11), (10, 0.10)])
+
+
+class C4Config(_Section):
+    enabled: bool = True
+    split_paragraph: bool = True
+    remove_citations: bool = True
+    filter_no_terminal_punct: bool = True
+    min_num_sentences: int = 5
+    min_words_per_line: int = 3
+    max_word_length: int = 1000
+    filter_lorem_ipsum: bool = True
+    filter_javascript: bool = True
+    filter_curly_bracket: bool = True
+    filter_policy: bool = True
+
+
+class FineWebConfig(_Section):
+    enabled: bool = True
+    line_punct_thr: float = 0.12
+    line_punct_exclude_zero: bool = False
+    short_line_thr: float = 0.67
+    short_line_length: int = 30
+    char_duplicates_ratio: float = 0.01
+    new_line_ratio: float = 0.3
+
+
+class FilterConfig(_Section):
+    language: LanguageFilterConfig = Field(default_factory=LanguageFilterConfig)
+    gopher_quality: GopherQualityConfig = Field(default_factory=GopherQualityConfig)
+    gopher_repetition: GopherRepetitionConfig = Field(default_factory=GopherRepetitionConfig)
+    c4: C4Config = Field(default_factory=C4Config)
+    fineweb: FineWebConfig = Field(default_factory=FineWebConfig)
+    write_dropped: bool = Field(False, description="Also write dropped documents (with reason) under stages/filter/_dropped/.")
+
+
+class DedupConfig(_Section):
+    exact: bool = True
+    near: bool = True
+    ngram: int = 5
+    num_bands: int = 14
+    rows_per_band: int = 8
+    seed: int = 1
+    jaccard_threshold: float | None = Field(None, description="If set, candidate pairs are confirmed by exact Jaccard of shingles (needs a second read).")
+    num_buckets: int = Field(8, description="Band buckets are hash-partitioned into this many files (the parallelism of the cluster phase).")
+
+
+class TokenizerConfig(_Section):
+    model_type: Literal["bpe", "unigram"] = "bpe"
+    vocab_size: int = 8000
+    character_coverage: float = 0.9995
+    byte_fallback: bool = True
+    sample_docs: int = 20_000
+    sample_max_chars: int = 20_000_000
+    seed: int = 0
+    bos_id: int = 1
+    eos_id: int = 2
+    pad_id: int = 3
+    unk_id: int = 0
+    num_threads: int = 2
+
+
+class TokenizeConfig(_Section):
+    seq_len: int = 256
+    rows_per_member: int = Field(0, description="Sequences per tar member; 0 = as many as fit in ~1 MiB.")
+    samples_per_shard: int = Field(8192, description="Sequences per output tar shard.")
+    val_fraction: float = 0.02
+    split_seed: int = 0
+    num_threads: int = 2
+    add_bos: bool = False
+    write_doc_boundaries: bool = False
+
+
+class PrepConfig(_Section):
+    inputs: list[str] = Field(default_factory=list, description="Input URIs or globs (JSONL/.gz/.zst, Parquet).")
+    read: ReadConfig = Field(default_factory=ReadConfig)
+    clean: CleanConfig = Field(default_factory=CleanConfig)
+    filter: FilterConfig = Field(default_factory=FilterConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    tokenize: TokenizeConfig = Field(default_factory=TokenizeConfig)
+    workers: int = Field(2, description="Parallel shards (processes locally, tasks on Ray).")

@@ -1,0 +1,148 @@
+"""The pipeline config: one YAML file composed of each part's own section.
+
+``flows`` is the only part that sees the whole file; it hands ``storage``, ``prep``, ``train`` and
+``eval`` their own sections. Errors name the file and the dotted key (unknown key, wrong type,
+missing value), and ``--set section.key=value`` overrides are applied before validation so they get
+the same checks.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from shardflow.dataprep.config import PrepConfig
+from shardflow.storage import Storage, StorageConfig, digest_json
+from shardflow.train.config import EvalConfig, TrainConfig
+
+
+class FlowsConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    runner: Literal["process", "thread", "ray", "sequential"] = "process"
+    ray_address: str | None = None
+    retries: int = 2
+    retry_delay_s: float = 2.0
+    schedules: dict[str, str] = Field(default_factory=lambda: {"pipeline": "0 3 * * *"},
+                                      description="Deployment name -> cron for `shardflow serve`.")
+    work_pool: str | None = None
+    gpu_work_pool: str | None = "gpu-pool"
+
+
+class PipelineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = "shardflow"
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    prep: PrepConfig = Field(default_factory=PrepConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    flows: FlowsConfig = Field(default_factory=FlowsConfig)
+
+    def storage_handle(self) -> Storage:
+        return Storage.from_config(self.storage)
+
+    def resolved(self) -> dict[str, Any]:
+        """The config as plain data; secrets appear masked, never in clear."""
+        return self.model_dump(mode="json")
+
+    def digest(self) -> str:
+        return digest_json(self.resolved())
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the file and the key."""
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def apply_override(data: dict[str, Any], assignment: str, source: str = "--set") -> None:
+    if "=" not in assignment:
+        raise ConfigError(f"{source}: override {assignment!r} is not of the form section.key=value")
+    key, raw = assignment.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"{source}: override {assignment!r} has an empty key")
+    node = data
+    for i, p in enumerate(parts[:-1]):
+        nxt = node.get(p)
+        if nxt is None:
+            nxt = node[p] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{source}: {'.'.join(parts[: i + 1])} is not a section, cannot set {key}")
+        node = nxt
+    node[parts[-1]] = _parse_value(raw)
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            msg = "unknown key"
+        elif kind == "missing":
+            msg = "required value is missing"
+        else:
+            msg = err["msg"]
+            if "input" in err and kind not in ("model_type",):
+                msg += f" (got {err['input']!r})"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None,
+                base: dict[str, Any] | None = None) -> PipelineConfig:
+    """Read a pipeline YAML (or start from ``base``/defaults), apply overrides, validate."""
+    source = str(path) if path else "<defaults>"
+    data: dict[str, Any] = dict(base or {})
+    if path:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: config file not found") from None
+        try:
+            loaded = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{source}: top level must be a mapping of sections, got {type(loaded).__name__}")
+        data.update(loaded)
+        # Relative local paths in the file are relative to the file, not to the caller's cwd.
+        _anchor_paths(data, Path(path).resolve().parent)
+    for ov in overrides or []:
+        apply_override(data, ov, source=f"{source} (--set {ov})")
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None
+
+
+def _anchor(p: str, base: Path) -> str:
+    if "://" in p or os.path.isabs(p):
+        return p
+    return str((base / p).resolve()) if not any(c in p for c in "*?[") else str(base / p)
+
+
+def _anchor_paths(data: dict[str, Any], base: Path) -> None:
+    st = data.get("storage")
+    if isinstance(st, dict) and isinstance(st.get("root"), str):
+        st["root"] = _anchor(st["root"], base)
+    prep = data.get("prep")
+    if isinstance(prep, dict) and isinstance(prep.get("inputs"), list):
+        prep["inputs"] = [_anchor(p, base) if isinstance(p, str) else p for p in prep["inputs"]]
+
+
+def write_resolved(cfg: PipelineConfig, storage: Storage | None = None) -> str:
+    """Write ``pipeline.yaml`` (resolved config + digest) to the dataset root; return the digest."""
+    storage = storage or cfg.storage_handle()
+    digest = cfg.digest()
+    body = {"digest": digest, "config": cfg.resolved()}
+    storage.write_text("pipeline.yaml", yaml.safe_dump(body, sort_keys=False, allow_unicode=True))
+    return digest

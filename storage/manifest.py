@@ -1,0 +1,149 @@
+"""Per-stage, per-shard manifest records: the source of truth for what is done.
+
+A stage re-run trusts nothing but these records and the bytes they point at (not an orchestrator's
+cache): a shard is *done* only when its record says so, its input and config digests still match,
+and its outputs still hash to what the record holds. The record is written last, after every output
+is published, so a crash at any moment leaves either the old state or the new one.
+"""
+from __future__ import annotations
+
+import enum
+import time
+from importlib import metadata
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .store import Storage, StorageError
+
+
+def code_version() -> str:
+    try:
+        return metadata.version("shardflow")
+    except metadata.PackageNotFoundError:  # running from a source tree
+        return "0+unknown"
+
+
+class OutputRef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    ref: str
+    digest: str
+    bytes: int
+
+
+class ShardRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    stage: str
+    shard_id: str
+    status: str = Field(description="'done' or 'failed'")
+    inputs: dict[str, str] = Field(default_factory=dict, description="input URI -> digest")
+    input_digest: str = ""
+    config_digest: str = ""
+    code_version: str = Field(default_factory=code_version)
+    outputs: dict[str, OutputRef] = Field(default_factory=dict)
+    counts: dict[str, int] = Field(default_factory=dict)
+    wall_time_s: float = 0.0
+    error: str | None = None
+    finished_at: float = Field(default_factory=time.time)
+
+
+class ShardState(str, enum.Enum):
+    DONE = "done"
+    MISSING = "missing"      # never run (no record)
+    FAILED = "failed"        # last run failed
+    STALE = "stale"          # input or config changed since
+    CORRUPT = "corrupt"      # an output is gone or no longer matches its digest
+
+
+def manifest_dir(stage: str) -> str:
+    return f"stages/{stage}/_manifest"
+
+
+def record_ref(stage: str, shard_id: str) -> str:
+    return f"{manifest_dir(stage)}/{shard_id}.json"
+
+
+def write_record(storage: Storage, record: ShardRecord) -> None:
+    storage.write_json(record_ref(record.stage, record.shard_id), record.model_dump(mode="json"))
+
+
+def read_record(storage: Storage, stage: str, shard_id: str) -> ShardRecord | None:
+    try:
+        data = storage.read_json(record_ref(stage, shard_id))
+    except FileNotFoundError:
+        return None
+    return ShardRecord.model_validate(data)
+
+
+def list_records(storage: Storage, stage: str) -> dict[str, ShardRecord]:
+    out = {}
+    for name in storage.list(manifest_dir(stage), suffix=".json"):
+        shard_id = name[: -len(".json")]
+        rec = read_record(storage, stage, shard_id)
+        if rec is not None:
+            out[shard_id] = rec
+    return out
+
+
+def list_stages(storage: Storage) -> list[str]:
+    fs, path = storage.resolve("stages")
+    try:
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return []
+    return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory")
+
+
+def verify_outputs(storage: Storage, record: ShardRecord, deep: bool = True) -> list[str]:
+    """Problems with a record's outputs ([] = all present and, if ``deep``, hashing as recorded)."""
+    problems = []
+    for name, out in sorted(record.outputs.items()):
+        try:
+            size = storage.size(out.ref)
+        except FileNotFoundError:
+            problems.append(f"{name}: {storage.uri(out.ref)} is missing")
+            continue
+        except StorageError as exc:
+            problems.append(f"{name}: {exc}")
+            continue
+        if size != out.bytes:
+            problems.append(f"{name}: {storage.uri(out.ref)} has {size} bytes, manifest says {out.bytes}")
+        elif deep and storage.digest(out.ref) != out.digest:
+            problems.append(f"{name}: {storage.uri(out.ref)} does not match its digest")
+    return problems
+
+
+def classify(
+    storage: Storage,
+    record: ShardRecord | None,
+    input_digest: str | None = None,
+    config_digest: str | None = None,
+    deep: bool = True,
+) -> ShardState:
+    """Where a shard stands relative to the current inputs and config."""
+    if record is None:
+        return ShardState.MISSING
+    if record.status != "done":
+        return ShardState.FAILED
+    if (input_digest is not None and record.input_digest != input_digest) or (
+        config_digest is not None and record.config_digest != config_digest
+    ):
+        return ShardState.STALE
+    if verify_outputs(storage, record, deep=deep):
+        return ShardState.CORRUPT
+    return ShardState.DONE
+
+
+def output_ref(storage: Storage, ref: str) -> OutputRef:
+    """Describe a just-published output for a manifest record."""
+    return OutputRef(ref=ref, digest=storage.digest(ref), bytes=storage.size(ref))
+
+
+def summarize(records: dict[str, ShardRecord]) -> dict[str, Any]:
+    counts: dict[str, int] = {}
+    for r in records.values():
+        for k, v in r.counts.items():
+            counts[k] = counts.get(k, 0) + v
+    return {"shards": len(records), "done": sum(r.status == "done" for r in records.values()),
+            "failed": sum(r.status != "done" for r in records.values()), "counts": counts}
