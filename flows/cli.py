@@ -1,0 +1,188 @@
+"""The ``shardflow`` command line.
+
+Every subcommand takes ``--config FILE`` (one YAML file per pipeline) and ``--set key=value``
+overrides; without ``--config`` the embedded defaults are used. Runs go through Prefect (an
+ephemeral API unless ``PREFECT_API_URL`` points at a server), except ``config``/``status``/``verify``
+which only read.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+import yaml
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", metavar="FILE", help="pipeline YAML file (default: embedded defaults)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set prep.workers=4 (repeatable)")
+
+
+def _load(args: argparse.Namespace):
+    from .config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def _parse_shards(value: str | None) -> list[str] | None:
+    if not value:
+        return None
+    out = []
+    for part in value.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        out.append(f"{int(part):06d}" if part.isdigit() else part)
+    return out
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    if args.action == "show":
+        print(yaml.safe_dump(cfg.resolved(), sort_keys=False, allow_unicode=True), end="")
+        print(f"# digest: {cfg.digest()}")
+    else:
+        print(f"ok: {args.config or '<defaults>'} is valid (digest {cfg.digest()})")
+    return 0
+
+
+def cmd_prep(args: argparse.Namespace) -> int:
+    from .prep_flows import run_prep
+
+    cfg = _load(args)
+    result = run_prep(cfg, stage=args.stage, shards=_parse_shards(args.shards), force=args.force,
+                      runner=args.runner, ray_address=args.address)
+    return 0 if result.get("ok", True) else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .status import print_status
+
+    cfg = _load(args)
+    print_status(cfg, as_json=args.json)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train_flows import run_train
+
+    cfg = _load(args)
+    result = run_train(cfg, nproc=args.nproc, evaluate=not args.no_eval)
+    return 0 if result.get("ok", True) else 1
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .train_flows import run_eval
+
+    cfg = _load(args)
+    result = run_eval(cfg, checkpoint=args.checkpoint)
+    return 0 if result.get("ok", True) else 1
+
+
+def cmd_export_hf(args: argparse.Namespace) -> int:
+    from shardflow.train.export import export_checkpoint
+
+    cfg = _load(args)
+    out = export_checkpoint(cfg.train, cfg.storage_handle(), checkpoint=args.checkpoint, out_dir=args.out)
+    print(f"exported to {out}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .deploy import serve
+
+    cfg = _load(args)
+    serve(cfg, config_path=args.config, overrides=args.overrides)
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .status import verify
+
+    cfg = _load(args)
+    problems = verify(cfg)
+    return 0 if not problems else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    result = run_demo(workdir=args.workdir, overrides=args.overrides, config=args.config)
+    return 0 if result.get("ok", True) else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shardflow", description="Streaming data-plus-training pipeline for LLM pretraining.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="run the whole pipeline on the bundled corpus (local storage, ephemeral Prefect)")
+    p.add_argument("--workdir", default="./shardflow-demo", help="where the dataset root and runs go (default ./shardflow-demo)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("config", help="show or validate a pipeline config")
+    p.add_argument("action", choices=["show", "validate"])
+    _add_config_args(p)
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("prep", help="run a data-preparation stage (or 'all') as a Prefect flow")
+    p.add_argument("stage", help="clean | filter | dedup | tokenizer | tokenize | all")
+    p.add_argument("--shards", help="comma-separated shard ids to redo (e.g. 3,7)")
+    p.add_argument("--force", action="store_true", help="redo every selected shard even if up to date")
+    p.add_argument("--runner", choices=["process", "thread", "ray", "sequential"], help="task runner (default from config)")
+    p.add_argument("--address", help="Ray cluster address for --runner ray (default: start a local cluster)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_prep)
+
+    p = sub.add_parser("status", help="per-stage table of done / pending / stale / failed shards")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("verify", help="re-hash stage outputs and shards against manifests and index")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("train", help="train the MoE model from the shards (launches torchrun when --nproc > 1)")
+    p.add_argument("--nproc", type=int, default=1, help="processes (torchrun --nproc_per_node)")
+    p.add_argument("--no-eval", action="store_true", help="do not run evaluation after training")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint (default: the run's latest)")
+    p.add_argument("--checkpoint", help="checkpoint URI (default: latest of the configured run)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export-hf", help="export a checkpoint to Hugging Face MixtralForCausalLM format")
+    p.add_argument("--checkpoint", help="checkpoint URI (default: latest of the configured run)")
+    p.add_argument("--out", required=True, help="output directory")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_export_hf)
+
+    p = sub.add_parser("serve", help="serve all deployments (pipeline, stages, train, eval) with their schedules")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    args = build_parser().parse_args(argv)
+    from .config import ConfigError
+
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

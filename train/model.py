@@ -1,0 +1,309 @@
+"""Decoder-only mixture-of-experts Transformer in the Mixtral layout, and its typed config.
+
+Layout per block: RMSNorm → grouped-query attention (RoPE, causal SDPA) → residual; RMSNorm →
+sparse MoE (``train.moe``) or dense SwiGLU → residual. RoPE uses the rotate-half convention of
+Hugging Face Llama/Mixtral so ``train.hf_export`` maps weights one-to-one and logits match.
+
+Meta-device construction is supported: build under ``torch.device("meta")``, ``to_empty`` on the
+target device, then call ``init_weights()`` (it also rebuilds the non-persistent RoPE tables).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .moe import MoEBlock, Router, SwiGLU, SwiGLUExperts
+
+IGNORE_INDEX = -100
+
+
+class RouterConfig(BaseModel):
+    """How tokens are routed to experts and what keeps the router healthy."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    aux_loss_coef: float = Field(0.01, ge=0, description="Weight of the load-balancing loss (1.0 = balanced).")
+    z_loss_coef: float = Field(0.001, ge=0, description="Weight of the router z-loss.")
+    dispatch: Literal["dropless", "capacity"] = "dropless"
+    capacity_factor: float = Field(1.25, gt=0, description="Capacity dispatch: slots per expert / fair share.")
+    jitter: float = Field(0.0, ge=0, lt=1, description="Multiplicative input noise at train time; 0 = off.")
+
+
+class ModelConfig(BaseModel):
+    """Architecture of ``MoETransformer``. Unknown keys are errors so config typos fail loudly."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    vocab_size: int = Field(8192, gt=0)
+    dim: int = Field(256, gt=0)
+    n_layers: int = Field(4, gt=0)
+    n_heads: int = Field(8, gt=0)
+    n_kv_heads: int = Field(4, gt=0, description="Key/value heads (GQA); must divide n_heads.")
+    head_dim: int | None = Field(None, gt=0, description="None = dim // n_heads.")
+    max_seq_len: int = Field(1024, gt=0)
+    rope_theta: float = Field(10000.0, gt=0)
+    norm_eps: float = Field(1e-5, gt=0)
+    n_experts: int = Field(8, gt=0)
+    top_k: int = Field(2, gt=0)
+    expert_hidden: int = Field(512, gt=0, description="Intermediate size of each routed expert.")
+    shared_expert_hidden: int = Field(0, ge=0, description="Dense expert applied to every token; 0 = none.")
+    moe_layers: Literal["all"] | list[int] = Field("all", description="MoE layer indices; others are dense.")
+    dense_hidden: int = Field(1024, gt=0, description="Intermediate size of the dense (non-MoE) layers.")
+    tie_embeddings: bool = False
+    init_std: float = Field(0.02, gt=0)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        if self.head_dim is None:
+            if self.dim % self.n_heads:
+                raise ValueError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}; set head_dim")
+            self.head_dim = self.dim // self.n_heads
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
+        if self.top_k > self.n_experts:
+            raise ValueError(f"top_k={self.top_k} exceeds n_experts={self.n_experts}")
+        if self.moe_layers != "all":
+            bad = [i for i in self.moe_layers if not 0 <= i < self.n_layers]
+            if bad or len(set(self.moe_layers)) != len(self.moe_layers):
+                raise ValueError(f"moe_layers must be distinct ints in [0, {self.n_layers}), got {self.moe_layers}")
+        return self
+
+    @property
+    def moe_layer_ids(self) -> list[int]:
+        return list(range(self.n_layers)) if self.moe_layers == "all" else sorted(self.moe_layers)
+
+    # ---- sizes, for logging and MFU
+
+    def _attn_params(self) -> int:
+        q_out, kv_out = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        return 2 * self.dim * q_out + 2 * self.dim * kv_out
+
+    def _ffn_params(self, experts: int) -> tuple[int, int]:
+        """(params of all MoE layers with ``experts`` experts counted, params of all dense layers)."""
+        n_moe = len(self.moe_layer_ids)
+        moe = self.n_experts * self.dim + 3 * self.dim * (experts * self.expert_hidden + self.shared_expert_hidden)
+        return n_moe * moe, (self.n_layers - n_moe) * 3 * self.dim * self.dense_hidden
+
+    def num_params(self) -> int:
+        """All unique parameters (a tied LM head is counted once); equals ``sum(p.numel())``."""
+        moe, dense = self._ffn_params(self.n_experts)
+        blocks = self.n_layers * (self._attn_params() + 2 * self.dim) + moe + dense
+        embed = self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)
+        return blocks + embed + self.dim
+
+    def num_active_params(self) -> int:
+        """Parameters each token multiplies through: ``top_k`` experts, LM head always, no embedding table.
+
+        The embedding lookup does no matmul, while the LM head does even when tied; this is the ``N``
+        of the ``6·N`` training-FLOPs rule.
+        """
+        moe, dense = self._ffn_params(self.top_k)
+        blocks = self.n_layers * (self._attn_params() + 2 * self.dim) + moe + dense
+        return blocks + self.vocab_size * self.dim + self.dim
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (fwd+bwd): ``6·N_active + 12·L·H·head_dim·seq_len`` (PaLM, appendix B).
+
+        The attention term counts the full score matrix (no causal halving), as MFU is usually quoted.
+        """
+        return 6 * self.num_active_params() + 12 * self.n_layers * self.n_heads * self.head_dim * seq_len
+
+
+# ----------------------------------------------------------------------------------------- modules
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32, weight applied in the input dtype (as HF Mixtral, for exact parity)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.square().mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[Tensor, Tensor]:
+    """fp32 ``cos``/``sin`` of shape ``[max_seq_len, head_dim]``, frequencies repeated over both halves."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    freqs = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate ``x`` ``[B, H, S, D]`` by position; rotate-half pairs dim ``i`` with ``i + D/2`` (HF convention)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query causal self-attention with RoPE."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        b, s, _ = x.shape
+        q = self.wq(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.n_kv_heads != self.n_heads:
+            # Explicit repeat rather than enable_gqa: every SDPA backend (flash, cuDNN, CPU) accepts it.
+            rep = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.wo(y.transpose(1, 2).reshape(b, s, -1))
+
+
+MoEStats = tuple[Tensor, Tensor, Tensor, Tensor]  # aux_loss, z_loss, expert_counts [E], dropped
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, moe: bool):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        r = cfg.router
+        self.ffn: nn.Module = (
+            MoEBlock(cfg.dim, cfg.n_experts, cfg.top_k, cfg.expert_hidden, cfg.shared_expert_hidden,
+                     r.dispatch, r.capacity_factor, r.jitter)
+            if moe else SwiGLU(cfg.dim, cfg.dense_hidden)
+        )
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, MoEStats | None]:
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        if isinstance(self.ffn, MoEBlock):
+            y, *stats = self.ffn(self.ffn_norm(x))
+            return x + y, tuple(stats)
+        return x + self.ffn(self.ffn_norm(x)), None
+
+
+@dataclass
+class ModelOutput:
+    """What one forward returns; ``total_loss`` is what the trainer backpropagates."""
+
+    logits: Tensor | None  # [B, S, V] in the compute dtype; None when return_logits=False
+    loss: Tensor | None  # cross-entropy mean over targets != -100; None without targets
+    aux_loss: Tensor  # load-balancing loss, mean over MoE layers (1.0 = balanced)
+    z_loss: Tensor  # router z-loss, mean over MoE layers
+    expert_counts: Tensor  # int64 [n_moe_layers, n_experts] token-slots routed (before drops)
+    dropped_tokens: Tensor  # int64 scalar: token-slots dropped by capacity dispatch, all layers
+    aux_loss_coef: float = 0.0
+    z_loss_coef: float = 0.0
+
+    @property
+    def total_loss(self) -> Tensor:
+        if self.loss is None:
+            raise ValueError("total_loss needs targets: call forward(tokens, targets)")
+        return self.loss + self.aux_loss_coef * self.aux_loss + self.z_loss_coef * self.z_loss
+
+
+class MoETransformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, activation_checkpointing: bool = False):
+        super().__init__()
+        self.cfg = cfg
+        self.activation_checkpointing = activation_checkpointing
+        moe_ids = set(cfg.moe_layer_ids)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.blocks = nn.ModuleList(Block(cfg, i in moe_ids) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.register_buffer("rope_cos", torch.empty(cfg.max_seq_len, cfg.head_dim), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(cfg.max_seq_len, cfg.head_dim), persistent=False)
+        if self.embed.weight.device.type != "meta":
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, init_std); projections into the residual stream scaled by 1/sqrt(2·n_layers).
+
+        Scaling the residual writers keeps the residual variance roughly depth-independent at init
+        (GPT-2 / Megatron). Norm weights start at one; RoPE tables are recomputed (they are buffers
+        that ``to_empty`` leaves uninitialized).
+        """
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        for m in self.modules():
+            if isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+            elif isinstance(m, Attention):
+                for lin in (m.wq, m.wk, m.wv):
+                    nn.init.normal_(lin.weight, std=std)
+                nn.init.normal_(m.wo.weight, std=out_std)
+            elif isinstance(m, (SwiGLU, SwiGLUExperts)):
+                w1, w3, w2 = (m.w1, m.w3, m.w2) if isinstance(m, SwiGLUExperts) else (m.w1.weight, m.w3.weight, m.w2.weight)
+                nn.init.normal_(w1, std=std)
+                nn.init.normal_(w3, std=std)
+                nn.init.normal_(w2, std=out_std)
+            elif isinstance(m, Router):
+                nn.init.normal_(m.weight, std=std)
+        nn.init.normal_(self.embed.weight, std=std)
+        if not self.cfg.tie_embeddings:
+            nn.init.normal_(self.lm_head.weight, std=std)
+        cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, self.rope_cos.device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
+    def forward(self, tokens: Tensor, targets: Tensor | None = None, *, return_logits: bool = True) -> ModelOutput:
+        """``tokens`` int64 ``[B, S]`` (S ≤ max_seq_len), ``targets`` ``[B, S]`` with -100 = ignore."""
+        _, s = tokens.shape
+        if s > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {s} exceeds max_seq_len={self.cfg.max_seq_len}")
+        cos, sin = self.rope_cos[:s], self.rope_sin[:s]
+        h = self.embed(tokens)
+        stats: list[MoEStats] = []
+        for block in self.blocks:
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                h, st = checkpoint(block, h, cos, sin, use_reentrant=False)
+            else:
+                h, st = block(h, cos, sin)
+            if st is not None:
+                stats.append(st)
+        logits = self.lm_head(self.norm(h))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+        return ModelOutput(
+            logits=logits if return_logits else None,
+            loss=loss,
+            **self._moe_summary(stats, h),
+            aux_loss_coef=self.cfg.router.aux_loss_coef,
+            z_loss_coef=self.cfg.router.z_loss_coef,
+        )
+
+    def _moe_summary(self, stats: list[MoEStats], h: Tensor) -> dict[str, Tensor]:
+        if not stats:
+            zero = h.new_zeros((), dtype=torch.float32)
+            counts = torch.zeros(0, self.cfg.n_experts, dtype=torch.long, device=h.device)
+            return dict(aux_loss=zero, z_loss=zero, expert_counts=counts, dropped_tokens=counts.sum())
+        aux, z, counts, dropped = zip(*stats)
+        return dict(
+            aux_loss=torch.stack(aux).mean(),
+            z_loss=torch.stack(z).mean(),
+            expert_counts=torch.stack(counts),
+            dropped_tokens=torch.stack(dropped).sum(),
+        )

@@ -1,0 +1,256 @@
+"""Sparse mixture-of-experts feed-forward: router, stacked SwiGLU experts, two dispatch modes.
+
+Semantics follow Mixtral (softmax over all experts in fp32, top-k, top-k weights renormalized to sum
+to one) so a trained model exports to ``MixtralForCausalLM`` unchanged. Expert weights are stacked
+3-D parameters rather than ``ModuleList``s: one tensor per projection shards, checkpoints and feeds
+grouped/batched matmuls without per-expert bookkeeping.
+
+Dispatch modes:
+
+* ``dropless``: every (token, slot) pair is computed. Pairs are sorted by expert so each expert sees
+  one contiguous segment; segments are multiplied by ``torch._grouped_mm`` where it works for the
+  device/dtype/shape (probed once), else by a per-expert loop over views of the sorted buffer.
+* ``capacity``: each expert takes at most ``ceil(capacity_factor * tokens * top_k / n_experts)``
+  pairs, earlier tokens first; the rest are dropped (contribute zero). Shapes are static, so it
+  runs as one ``bmm`` per projection and needs no host sync — the torch.compile-friendly mode.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Dispatch = Literal["dropless", "capacity"]
+
+
+class SwiGLU(nn.Module):
+    """Dense gated FFN ``w2(silu(w1 x) * w3 x)``: the dense layers and the optional shared expert."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+# --------------------------------------------------------------------------------------------- router
+
+
+@dataclass
+class Routing:
+    """One router decision for a flat batch of ``T`` tokens."""
+
+    logits: Tensor  # [T, E] fp32
+    probs: Tensor  # [T, E] fp32, softmax over all experts
+    weights: Tensor  # [T, k] fp32, top-k probs renormalized to sum 1
+    experts: Tensor  # [T, k] int64 expert ids, highest prob first
+
+
+def load_balancing_loss(probs: Tensor, experts: Tensor, n_experts: int) -> Tensor:
+    """Switch/Mixtral balance loss ``E * sum_e f_e * P_e``; equals 1 for perfectly uniform routing.
+
+    ``f_e`` is the fraction of token-slots (``T * k`` of them) sent to expert ``e`` and carries no
+    gradient; ``P_e`` is the mean router probability, through which the gradient flows. Normalizing
+    ``f`` by slots rather than tokens keeps the optimum at 1 for any ``k`` (transformers' Mixtral
+    normalizes by tokens, so its value is ``k`` times this one).
+    """
+    counts = expert_counts(experts, n_experts)
+    f = counts.to(probs.dtype) / experts.numel()
+    return n_experts * torch.sum(f * probs.mean(dim=0))
+
+
+def router_z_loss(logits: Tensor) -> Tensor:
+    """ST-MoE z-loss, mean of ``logsumexp(logits)^2``: keeps router logits small for bf16 stability."""
+    return torch.logsumexp(logits, dim=-1).square().mean()
+
+
+def expert_counts(experts: Tensor, n_experts: int) -> Tensor:
+    """Token-slots per expert as int64 ``[E]``; scatter_add keeps it sync-free and deterministic."""
+    flat = experts.reshape(-1)
+    return torch.zeros(n_experts, dtype=torch.long, device=flat.device).scatter_add_(
+        0, flat, torch.ones_like(flat)
+    )
+
+
+class Router(nn.Module):
+    """Linear gate in fp32 → softmax → top-k → renormalize (Mixtral semantics).
+
+    The gate runs in fp32 even under bf16 training because small logit differences decide routing;
+    its cost is negligible (``dim × E``).
+    """
+
+    def __init__(self, dim: int, n_experts: int, top_k: int, jitter: float = 0.0):
+        super().__init__()
+        if not 1 <= top_k <= n_experts:
+            raise ValueError(f"top_k must be in [1, n_experts={n_experts}], got {top_k}")
+        self.n_experts, self.top_k, self.jitter = n_experts, top_k, jitter
+        self.weight = nn.Parameter(torch.empty(n_experts, dim))
+
+    def forward(self, x: Tensor) -> Routing:
+        if self.training and self.jitter > 0:
+            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+        logits = F.linear(x.float(), self.weight.float())
+        probs = logits.softmax(dim=-1)
+        top_p, top_i = probs.topk(self.top_k, dim=-1)
+        return Routing(logits, probs, top_p / top_p.sum(dim=-1, keepdim=True), top_i)
+
+
+# -------------------------------------------------------------------------------------------- experts
+
+
+@functools.lru_cache(maxsize=None)
+def _grouped_mm_works(device: str, dtype: torch.dtype, dim: int, hidden: int) -> bool:
+    """Whether ``torch._grouped_mm`` runs forward and backward correctly here.
+
+    Kernels exist only for some device/dtype/alignment combinations and vary across torch
+    releases, so instead of encoding a version table we try the real shapes once and compare with
+    plain matmuls.
+    """
+    if not hasattr(torch, "_grouped_mm") or torch.device(device).type == "cpu":
+        return False  # the CPU kernel is slower than the loop or missing, depending on the release
+    try:
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        x = torch.randn(24, dim, generator=gen).to(device, dtype).requires_grad_()
+        w = (torch.randn(3, hidden, dim, generator=gen) / math.sqrt(dim)).to(device, dtype).requires_grad_()
+        offs = torch.tensor([8, 8, 24], dtype=torch.int32, device=device)
+        y = torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
+        y.float().square().sum().backward()
+        ref = torch.cat([x[:8] @ w[0].T, x[8:] @ w[2].T])
+        tol = 1e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-4
+        ok = torch.allclose(y.float(), ref.float(), atol=tol, rtol=tol)
+        return bool(ok and w.grad is not None and torch.isfinite(w.grad).all() and w.grad[1].abs().sum() == 0)
+    except Exception:  # noqa: BLE001 — any failure means "use the loop"
+        return False
+
+
+@torch.compiler.disable
+def _use_grouped_mm(x: Tensor, dim: int, hidden: int) -> bool:
+    return _grouped_mm_works(str(x.device), x.dtype, dim, hidden)
+
+
+class SwiGLUExperts(nn.Module):
+    """``E`` SwiGLU experts as stacked weights: ``w1``/``w3`` ``[E, hidden, dim]``, ``w2`` ``[E, dim, hidden]``.
+
+    Each ``[hidden, dim]`` slice has ``nn.Linear``'s weight layout, so per-expert export is a slice.
+    """
+
+    def __init__(self, dim: int, hidden: int, n_experts: int):
+        super().__init__()
+        self.dim, self.hidden, self.n_experts = dim, hidden, n_experts
+        self.w1 = nn.Parameter(torch.empty(n_experts, hidden, dim))
+        self.w3 = nn.Parameter(torch.empty(n_experts, hidden, dim))
+        self.w2 = nn.Parameter(torch.empty(n_experts, dim, hidden))
+
+    def forward_sorted(self, x: Tensor, counts: Tensor) -> Tensor:
+        """Apply expert ``e`` to the ``counts[e]`` consecutive rows of ``x`` (rows sorted by expert)."""
+        if _use_grouped_mm(x, self.dim, self.hidden):
+            return self._grouped(x, counts)
+        return self._looped(x, counts.tolist())
+
+    def _grouped(self, x: Tensor, counts: Tensor) -> Tensor:
+        offs = counts.cumsum(0).to(torch.int32)
+        w1, w3, w2 = (w.to(x.dtype).transpose(-2, -1) for w in (self.w1, self.w3, self.w2))
+        h = F.silu(torch._grouped_mm(x, w1, offs=offs)) * torch._grouped_mm(x, w3, offs=offs)
+        return torch._grouped_mm(h, w2, offs=offs)
+
+    def _looped(self, x: Tensor, counts: list[int]) -> Tensor:
+        # unbind/split (not w[e] / x[idx]) so backward builds each weight gradient with one stack
+        # and the input gradient with one cat, instead of E full-size zero tensors summed up.
+        w1, w3, w2 = self.w1.unbind(0), self.w3.unbind(0), self.w2.unbind(0)
+        outs = [
+            F.linear(F.silu(F.linear(xe, w1[e])) * F.linear(xe, w3[e]), w2[e])
+            for e, xe in enumerate(x.split(counts))
+            if counts[e] > 0
+        ]
+        return torch.cat(outs) if outs else x.new_zeros(0, self.dim)
+
+    def forward_padded(self, x: Tensor) -> Tensor:
+        """Batched experts over a ``[E, C, dim]`` buffer (C slots each): one bmm per projection."""
+        h = F.silu(torch.bmm(x, self.w1.transpose(1, 2))) * torch.bmm(x, self.w3.transpose(1, 2))
+        return torch.bmm(h, self.w2.transpose(1, 2))
+
+
+# ------------------------------------------------------------------------------------------ MoE block
+
+
+def capacity(n_tokens: int, top_k: int, n_experts: int, capacity_factor: float) -> int:
+    """Slots per expert in capacity mode; never more than ``n_tokens`` (top-k ids are distinct)."""
+    return min(n_tokens, math.ceil(capacity_factor * n_tokens * top_k / n_experts))
+
+
+class MoEBlock(nn.Module):
+    """Router + experts (+ optional shared expert) replacing the FFN of a transformer block.
+
+    ``forward(x) -> (y, aux_loss, z_loss, expert_counts, dropped)``: ``expert_counts`` is int64
+    ``[E]`` token-slots routed to each expert (before any drop), ``dropped`` an int64 scalar of
+    token-slots that capacity dispatch discarded (always 0 when dropless).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        n_experts: int,
+        top_k: int,
+        expert_hidden: int,
+        shared_expert_hidden: int = 0,
+        dispatch: Dispatch = "dropless",
+        capacity_factor: float = 1.25,
+        router_jitter: float = 0.0,
+    ):
+        super().__init__()
+        if dispatch not in ("dropless", "capacity"):
+            raise ValueError(f"dispatch must be 'dropless' or 'capacity', got {dispatch!r}")
+        self.dim, self.n_experts, self.top_k = dim, n_experts, top_k
+        self.dispatch, self.capacity_factor = dispatch, capacity_factor
+        self.router = Router(dim, n_experts, top_k, router_jitter)
+        self.experts = SwiGLUExperts(dim, expert_hidden, n_experts)
+        self.shared_expert = SwiGLU(dim, shared_expert_hidden) if shared_expert_hidden > 0 else None
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        shape = x.shape
+        x = x.reshape(-1, self.dim)
+        r = self.router(x)
+        counts = expert_counts(r.experts, self.n_experts)
+        if self.dispatch == "dropless":
+            y, dropped = self._dropless(x, r, counts), counts.new_zeros(())
+        else:
+            y, dropped = self._capacity(x, r, counts)
+        if self.shared_expert is not None:
+            y = y + self.shared_expert(x)
+        aux = load_balancing_loss(r.probs, r.experts, self.n_experts)
+        return y.reshape(shape), aux, router_z_loss(r.logits), counts, dropped
+
+    def _dropless(self, x: Tensor, r: Routing, counts: Tensor) -> Tensor:
+        n_tokens, k = r.experts.shape
+        # Stable sort: within an expert, pairs stay in token order (same priority as capacity mode).
+        order = torch.argsort(r.experts.reshape(-1), stable=True)
+        token = order // k
+        y_sorted = self.experts.forward_sorted(x.index_select(0, token), counts)
+        w_sorted = r.weights.reshape(-1).index_select(0, order).to(y_sorted.dtype)
+        return y_sorted.new_zeros(n_tokens, self.dim).index_add(0, token, y_sorted * w_sorted.unsqueeze(-1))
+
+    def _capacity(self, x: Tensor, r: Routing, counts: Tensor) -> tuple[Tensor, Tensor]:
+        n_tokens, k = r.experts.shape
+        cap = capacity(n_tokens, k, self.n_experts, self.capacity_factor)
+        order = torch.argsort(r.experts.reshape(-1), stable=True)
+        starts = counts.cumsum(0) - counts
+        # Buffer slot (e, c) holds the c-th pair routed to e in token order, if there is one.
+        slot = torch.arange(cap, device=x.device)
+        valid = slot.unsqueeze(0) < counts.unsqueeze(1)  # [E, C]
+        src = torch.where(valid, starts.unsqueeze(1) + slot.unsqueeze(0), 0)
+        pair = order.index_select(0, src.reshape(-1))  # [E*C] (token, slot) pair ids
+        token = pair // k
+        mask = valid.reshape(-1, 1)
+        xb = (x.index_select(0, token) * mask).view(self.n_experts, cap, self.dim)
+        yb = self.experts.forward_padded(xb).reshape(-1, self.dim)
+        w = (r.weights.reshape(-1).index_select(0, pair) * mask.squeeze(1)).to(yb.dtype).unsqueeze(-1)
+        y = yb.new_zeros(n_tokens, self.dim).index_add(0, token, yb * w)
+        return y, (counts - cap).clamp(min=0).sum()
