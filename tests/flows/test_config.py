@@ -1,0 +1,98 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from shardflow.flows.config import ConfigError, load_config, write_resolved
+from shardflow.storage import Storage
+
+
+def write(tmp_path, body: str):
+    p = tmp_path / "pipeline.yaml"
+    p.write_text(body)
+    return p
+
+
+def test_defaults_validate():
+    cfg = load_config(None)
+    assert cfg.prep.dedup.num_bands == 14 and cfg.prep.dedup.rows_per_band == 8
+    assert cfg.train.model is not None
+
+
+def test_unknown_key_is_named_with_file(tmp_path):
+    p = write(tmp_path, "prep:\n  dedup:\n    num_bandz: 3\n")
+    with pytest.raises(ConfigError) as ei:
+        load_config(p)
+    msg = str(ei.value)
+    assert str(p) in msg and "prep.dedup.num_bandz" in msg and "unknown key" in msg
+
+
+def test_wrong_type_is_named(tmp_path):
+    p = write(tmp_path, "prep:\n  workers: many\n")
+    with pytest.raises(ConfigError) as ei:
+        load_config(p)
+    assert "prep.workers" in str(ei.value) and "many" in str(ei.value)
+
+
+def test_missing_required_value_is_named(tmp_path):
+    p = write(tmp_path, "storage:\n  root: null\n")
+    with pytest.raises(ConfigError) as ei:
+        load_config(p)
+    assert "storage.root" in str(ei.value)
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    p = write(tmp_path, "prep: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_overrides_are_typed_and_validated(tmp_path):
+    p = write(tmp_path, "prep:\n  workers: 2\n")
+    cfg = load_config(p, ["prep.workers=4", "prep.dedup.jaccard_threshold=0.8", "prep.inputs=[a.jsonl, b.jsonl]"])
+    assert cfg.prep.workers == 4 and cfg.prep.dedup.jaccard_threshold == 0.8
+    assert [x.rsplit("/", 1)[-1] for x in cfg.prep.inputs] == ["a.jsonl", "b.jsonl"]
+    with pytest.raises(ConfigError, match="prep.tokenize.seq_lenn"):
+        load_config(p, ["prep.tokenize.seq_lenn=5"])
+    with pytest.raises(ConfigError, match="not of the form"):
+        load_config(p, ["prep.workers"])
+
+
+def test_relative_paths_anchor_to_the_file(tmp_path):
+    sub = tmp_path / "cfgs"
+    sub.mkdir()
+    p = sub / "p.yaml"
+    p.write_text("storage:\n  root: ../data\nprep:\n  inputs: [corpus/*.jsonl.zst]\n")
+    cfg = load_config(p)
+    assert cfg.storage.root == str(tmp_path / "data")
+    assert cfg.prep.inputs == [str(sub / "corpus/*.jsonl.zst")]
+
+
+def test_resolved_config_written_with_digest_and_no_secret(tmp_path):
+    cfg = load_config(None, [f"storage.root={tmp_path / 'root'}", "storage.secret=planted-secret-123", "storage.key=AKIAPLANTED"])
+    digest = write_resolved(cfg)
+    text = Storage(str(tmp_path / "root")).read_text("pipeline.yaml")
+    body = yaml.safe_load(text)
+    assert body["digest"] == digest == cfg.digest()
+    assert "planted-secret-123" not in text and "AKIAPLANTED" not in text
+    assert cfg.storage.fsspec_options("s3")["secret"] == "planted-secret-123"
+
+
+def test_cli_config_validate_and_show(tmp_path):
+    p = write(tmp_path, "prep:\n  workers: 3\n")
+    out = subprocess.run([sys.executable, "-m", "shardflow.flows.cli", "config", "show", "--config", str(p), "--set", "prep.seed_unused=1"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "prep.seed_unused" in out.stderr and "unknown key" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "shardflow.flows.cli", "config", "show", "--config", str(p)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert yaml.safe_load(out.stdout)["prep"]["workers"] == 3
+
+
+@pytest.mark.parametrize("cmd", ["demo", "config", "prep", "status", "verify", "train", "eval", "export-hf", "serve"])
+def test_every_subcommand_has_help(cmd):
+    out = subprocess.run([sys.executable, "-m", "shardflow.flows.cli", cmd, "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "usage: shardflow" in out.stdout
