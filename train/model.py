@@ -243,7 +243,7 @@ class MoETransformer(nn.Module):
 
         Scaling the residual writers keeps the residual variance roughly depth-independent at init
         (GPT-2 / Megatron). Norm weights start at one; RoPE tables are recomputed (they are buffers
-        that ``to_empty`` leaves uninitialized).
+        that ``to_empty`` leaves uninitialized) and a tied head is re-tied (``to_empty`` unties it).
         """
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
@@ -262,7 +262,9 @@ class MoETransformer(nn.Module):
             elif isinstance(m, Router):
                 nn.init.normal_(m.weight, std=std)
         nn.init.normal_(self.embed.weight, std=std)
-        if not self.cfg.tie_embeddings:
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight  # to_empty() unties: it replaces each parameter
+        else:
             nn.init.normal_(self.lm_head.weight, std=std)
         cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, self.rope_cos.device)
         self.rope_cos.copy_(cos)

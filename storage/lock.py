@@ -1,0 +1,222 @@
+"""An exclusive lock on a dataset root, for local disks and object stores alike.
+
+Two pipeline runs on one root would interleave manifest writes; the second must wait or fail with a
+message naming the holder. The lock is a small JSON object ``<root>/_lock.json`` created with an
+atomic create-if-absent (a conditional ``PUT If-None-Match: *``) on S3, whose holder refreshes an
+expiry time from a heartbeat thread; on an object store a lock whose expiry has passed —
+or, on the same host, whose process is gone — is stale and is taken over with a compare-and-swap
+(``PUT If-Match: <etag>``), so two contenders can never both win. On a local disk the lock is a
+kernel ``flock`` on the same file, which dies with its holder.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+from .store import Storage
+
+LOCK_REF = "_lock.json"
+
+
+class LockHeld(RuntimeError):
+    """The root is locked by another live run."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RootLock:
+    def __init__(self, storage: Storage, purpose: str = "pipeline", ttl_s: float = 60.0, wait_s: float = 0.0,
+                 poll_s: float = 0.5, ref: str = LOCK_REF):
+        self.storage, self.purpose, self.ttl_s, self.wait_s, self.poll_s, self.ref = storage, purpose, ttl_s, wait_s, poll_s, ref
+        self.token = uuid.uuid4().hex
+        self._etag: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.held = False
+
+    # -- body ---------------------------------------------------------------------------------
+    def _body(self) -> bytes:
+        now = time.time()
+        return json.dumps({"token": self.token, "purpose": self.purpose, "host": socket.gethostname(), "pid": os.getpid(),
+                           "acquired_at": getattr(self, "_acquired_at", now), "expires_at": now + self.ttl_s}).encode()
+
+    def _is_stale(self, info: dict[str, Any] | None, age_s: float) -> bool:
+        if info is None:  # unreadable (a crash between create and write): stale once old enough
+            return age_s > self.ttl_s
+        if time.time() > float(info.get("expires_at", 0)):
+            return True
+        return info.get("host") == socket.gethostname() and not _pid_alive(int(info.get("pid", -1)))
+
+    def _describe(self, info: dict[str, Any] | None) -> str:
+        if not info:
+            return "an unreadable lock"
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(info.get("acquired_at", 0))))
+        return f"{info.get('purpose')} run (host {info.get('host')}, pid {info.get('pid')}, since {since})"
+
+    # -- local ----------------------------------------------------------------------------------
+    # On a local (or NFS) disk the kernel's flock does the work: it is released when the holder dies,
+    # so a killed run never leaves a stale lock behind. The file's JSON is only for messages.
+    def _local_path(self) -> str:
+        return self.storage.resolve(self.ref)[1]
+
+    def _local_try(self) -> tuple[bool, dict | None]:
+        import fcntl
+
+        path = self._local_path()
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False, self._local_read(path)[0]
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, self._body(), 0)
+        os.fsync(fd)
+        self._fd = fd
+        return True, None
+
+    def _local_read(self, path: str) -> tuple[dict | None, float]:
+        try:
+            with open(path, "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return None, 0.0
+        try:
+            return json.loads(raw), 0.0
+        except ValueError:
+            return None, 0.0
+
+    def _local_refresh(self) -> None:
+        pass  # flock needs no heartbeat
+
+    # -- object stores ----------------------------------------------------------------------------
+    def _s3(self):
+        fs, path = self.storage.resolve(self.ref)
+        bucket, key = path.split("/", 1)
+        return fs, bucket, key
+
+    def _s3_read(self) -> tuple[dict | None, str | None, float]:
+        fs, bucket, key = self._s3()
+        try:
+            resp = fs.call_s3("get_object", Bucket=bucket, Key=key)
+            from fsspec.asyn import sync
+
+            body = sync(fs.loop, resp["Body"].read)
+            age = time.time() - resp["LastModified"].timestamp()
+            etag = resp["ETag"]
+        except FileNotFoundError:
+            return None, None, 0.0
+        try:
+            return json.loads(body), etag, age
+        except ValueError:
+            return None, etag, age
+
+    def _s3_try(self) -> tuple[bool, dict | None]:
+        fs, bucket, key = self._s3()
+        try:
+            resp = fs.call_s3("put_object", Bucket=bucket, Key=key, Body=self._body(), IfNoneMatch="*")
+            self._etag = resp.get("ETag")
+            return True, None
+        except (FileExistsError, PermissionError, OSError) as exc:
+            if not _is_precondition(exc):
+                raise
+        info, etag, age = self._s3_read()
+        if etag is None:
+            return self._s3_try()
+        if not self._is_stale(info, age):
+            return False, info
+        try:
+            resp = fs.call_s3("put_object", Bucket=bucket, Key=key, Body=self._body(), IfMatch=etag)
+        except (FileExistsError, PermissionError, OSError) as exc:
+            if _is_precondition(exc):
+                return False, info
+            raise
+        self._etag = resp.get("ETag")
+        return True, None
+
+    def _s3_refresh(self) -> None:
+        fs, bucket, key = self._s3()
+        try:
+            resp = fs.call_s3("put_object", Bucket=bucket, Key=key, Body=self._body(), IfMatch=self._etag)
+        except (FileExistsError, PermissionError, OSError) as exc:
+            if _is_precondition(exc):
+                info, _, _ = self._s3_read()
+                raise LockHeld(f"lock on {self.storage.root} was taken over by {self._describe(info)}") from None
+            raise
+        self._etag = resp.get("ETag")
+
+    # -- public ---------------------------------------------------------------------------------
+    def acquire(self) -> "RootLock":
+        deadline = time.monotonic() + self.wait_s
+        self._acquired_at = time.time()
+        local = self.storage.protocol_of(self.ref) == "file"
+        while True:
+            ok, info = self._local_try() if local else self._s3_try()
+            if ok:
+                break
+            if time.monotonic() >= deadline:
+                raise LockHeld(
+                    f"dataset root {self.storage.root} is locked by a {self._describe(info)}; "
+                    f"wait for it to finish, or remove {self.storage.uri(self.ref)} if that run is dead "
+                    f"(a lock not refreshed for {self.ttl_s:.0f}s is taken over automatically)")
+            time.sleep(self.poll_s)
+        self.held = True
+        self._stop.clear()
+        if local:
+            return self
+        self._thread = threading.Thread(target=self._heartbeat, name="shardflow-lock-heartbeat", daemon=True)
+        self._thread.start()
+        return self
+
+    def _heartbeat(self) -> None:
+        local = self.storage.protocol_of(self.ref) == "file"
+        while not self._stop.wait(self.ttl_s / 3):
+            with contextlib.suppress(Exception):
+                self._local_refresh() if local else self._s3_refresh()
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.held = False
+        local = self.storage.protocol_of(self.ref) == "file"
+        if local:
+            import fcntl
+
+            # Leave the file in place (unlinking a flock'd file races with a new holder's open).
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+        else:
+            info, _, _ = self._s3_read()
+            if info is not None and info.get("token") == self.token:
+                self.storage.remove(self.ref)
+
+    def __enter__(self) -> "RootLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _is_precondition(exc: BaseException) -> bool:
+    text = f"{type(exc).__name__} {exc}"
+    return "PreconditionFailed" in text or "pre-condition" in text.lower() or "412" in text or isinstance(exc, FileExistsError)
