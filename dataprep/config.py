@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic import field_validator, model_validator
 
 
 class _Section(BaseModel):
@@ -22,7 +23,7 @@ class ReadConfig(_Section):
     id_field: str = "id"
     text_field: str = "text"
     source_field: str | None = None
-    max_doc_bytes: int = Field(8 << 20, description="Longer documents are quarantined (reason 'too_long'), read in bounded memory.")
+    max_doc_bytes: int = Field(8 << 20, gt=0, description="Records (JSONL lines, Parquet texts) longer than this are quarantined (reason 'too_long'), read in bounded memory.")
 
 
 class CleanConfig(_Section):
@@ -31,7 +32,9 @@ class CleanConfig(_Section):
     remove_control_chars: bool = True
     remove_invisible_chars: bool = True
     normalize_whitespace: bool = True
-    fix_mojibake: bool = False
+    keep_indentation: bool = Field(True, description="Leading spaces/tabs of a line survive whitespace normalization (code blocks); other runs collapse to one space.")
+    max_newlines: int = Field(2, ge=1, description="Longer runs of newlines (blank lines) are cut to this many.")
+    fix_mojibake: bool = Field(False, description="Repair mis-decoded text (ftfy.fix_encoding); needs the optional package ftfy.")
     remove_boilerplate_lines: bool = True
     boilerplate_patterns: list[str] = Field(default_factory=lambda: [
         r"(?i)^\s*(all rights reserved|cookie policy|privacy policy|terms of (use|service)|click here|subscribe( now)?|skip to (main )?content)\b.*$",
@@ -43,11 +46,33 @@ class CleanConfig(_Section):
     ip_replacement: str = "<IP>"
     min_chars: int = Field(1, description="Documents shorter than this after cleaning are dropped ('empty_after_clean').")
 
+    @field_validator("boilerplate_patterns")
+    @classmethod
+    def _patterns_compile(cls, patterns: list[str]) -> list[str]:
+        import re
+
+        for i, pattern in enumerate(patterns):
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"boilerplate_patterns[{i}] {pattern!r} is not a valid regular expression: {exc}") from None
+        return patterns
+
+    @model_validator(mode="after")
+    def _ftfy_available(self) -> "CleanConfig":
+        if self.enabled and self.fix_mojibake:
+            import importlib.util
+
+            if importlib.util.find_spec("ftfy") is None:
+                raise ValueError("fix_mojibake needs the optional package 'ftfy' (pip install 'shardflow[clean]' or pip install ftfy), or set fix_mojibake: false")
+        return self
+
 
 class LanguageFilterConfig(_Section):
     enabled: bool = True
     languages: list[str] = Field(default_factory=lambda: ["en"])
-    threshold: float = 0.65
+    threshold: float = Field(0.65, ge=0, le=1, description="Minimum normalized probability of the top language.")
+    max_chars: int = Field(2048, gt=0, description="Only this prefix of a document is classified (speed; accuracy in docs/filters.md).")
 
 
 class GopherQualityConfig(_Section):
@@ -61,6 +86,7 @@ class GopherQualityConfig(_Section):
     max_ellipsis_lines_ratio: float | None = 0.3
     max_non_alpha_words_ratio: float | None = 0.8
     min_stop_words: int | None = 2
+    stop_words: list[str] = Field(default_factory=lambda: ["the", "be", "to", "of", "and", "that", "have", "with"])
 
 
 class GopherRepetitionConfig(_Section):
@@ -129,7 +155,10 @@ class TokenizerConfig(_Section):
     eos_id: int = 2
     pad_id: int = 3
     unk_id: int = 0
-    num_threads: int = 2
+    num_threads: int = Field(2, description="Training threads for BPE (output does not depend on it); unigram always trains with 1 thread, because its result does.")
+    normalization_rule_name: Literal["nmt_nfkc", "nfkc", "nmt_nfkc_cf", "nfkc_cf", "identity"] = "nmt_nfkc"
+    split_digits: bool = True
+    max_sentence_length: int = Field(16384, description="Sample lines longer than this many bytes are cut at whitespace (sentencepiece would skip them).")
 
 
 class TokenizeConfig(_Section):
@@ -141,6 +170,7 @@ class TokenizeConfig(_Section):
     num_threads: int = 2
     add_bos: bool = False
     write_doc_boundaries: bool = False
+    encode_batch_chars: int = Field(4_000_000, description="Characters of text handed to sentencepiece per multithreaded encode call.")
 
 
 class PrepConfig(_Section):
