@@ -7,18 +7,14 @@ fastest form sentencepiece offers). The pipeline run is the real thing: the ``to
 the ``pack`` stage (rows, WebDataset tars, index.json), through ``run_stage`` with manifests. Both
 are timed round-robin, best of ``--repeat``, because other processes share the machine.
 
-    python bench/tokenize.py                               # bench/_data/corpus (4 shards) or the demo corpus
-    python bench/tokenize.py --corpus 'bench/_data/corpus/*.jsonl.zst' --shards 8 --threads 2
+    python bench/tokenize_throughput.py                               # bench/_data/corpus (4 shards) or the demo corpus
+    python bench/tokenize_throughput.py --corpus 'bench/_data/corpus/*.jsonl.zst' --shards 8 --threads 2
 """
 from __future__ import annotations
 
 import os
 import sys
 
-# Run as a script, this file's folder is sys.path[0] and the file itself would shadow the stdlib's
-# ``tokenize`` (imported by linecache, inspect, ...): drop that entry before importing anything else.
-if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
-    del sys.path[0]
 
 import argparse
 import glob

@@ -123,7 +123,9 @@ def _experts_fused(i: int, w1: Tensor, w3: Tensor, w2: Tensor, gate: Tensor) -> 
 _LAYOUTS: dict[str, Callable[..., dict[str, Tensor]]] = {"v4-per-expert": _experts_v4, "v5-fused": _experts_fused}
 
 
-def _candidate(state: dict[str, Tensor], cfg: ModelConfig, experts: Callable[..., dict[str, Tensor]]) -> dict[str, Tensor]:
+def _candidate(
+    state: dict[str, Tensor], cfg: ModelConfig, experts: Callable[..., dict[str, Tensor]]
+) -> dict[str, Tensor]:
     out = {"model.embed_tokens.weight": state["embed.weight"], "model.norm.weight": state["norm.weight"]}
     out["lm_head.weight"] = state["embed.weight"] if cfg.tie_embeddings else state["lm_head.weight"]
     for i in range(cfg.n_layers):

@@ -255,7 +255,8 @@ class MoETransformer(nn.Module):
                     nn.init.normal_(lin.weight, std=std)
                 nn.init.normal_(m.wo.weight, std=out_std)
             elif isinstance(m, (SwiGLU, SwiGLUExperts)):
-                w1, w3, w2 = (m.w1, m.w3, m.w2) if isinstance(m, SwiGLUExperts) else (m.w1.weight, m.w3.weight, m.w2.weight)
+                stacked = isinstance(m, SwiGLUExperts)
+                w1, w3, w2 = (m.w1, m.w3, m.w2) if stacked else (m.w1.weight, m.w3.weight, m.w2.weight)
                 nn.init.normal_(w1, std=std)
                 nn.init.normal_(w3, std=std)
                 nn.init.normal_(w2, std=out_std)

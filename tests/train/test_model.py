@@ -92,7 +92,8 @@ def test_loss_decreases_with_adamw():
 
 
 def test_activation_checkpointing_is_exact():
-    cfg = tiny(router={"jitter": 0.1})  # jitter: the recompute must replay the same noise
+    # jitter: the recompute must replay the same noise; a dense layer and a shared expert too
+    cfg = tiny(router={"jitter": 0.1}, moe_layers=[1], shared_expert_hidden=8)
     plain = MoETransformer(cfg)
     ckpt = MoETransformer(cfg, activation_checkpointing=True)
     ckpt.load_state_dict(plain.state_dict())
