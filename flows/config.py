@@ -29,6 +29,11 @@ class FlowsConfig(BaseModel):
                                       description="Deployment name -> cron for `shardflow serve`.")
     work_pool: str | None = None
     gpu_work_pool: str | None = "gpu-pool"
+    lock_wait_s: float = Field(0.0, ge=0, description="How long a run waits for another run's lock on the dataset root before failing.")
+    progress_min_shards: int = Field(4, ge=1, description="Stages with at least this many shards to run get a progress artifact.")
+    train_launcher: Literal["auto", "inprocess", "torchrun"] = Field(
+        "auto", description="How the train flow runs the trainer: auto = in this process for one process, torchrun for more.")
+    torchrun_args: list[str] = Field(default_factory=list, description="Extra torchrun arguments (e.g. --nnodes=2 --rdzv-endpoint=host:29400 for multi-node); empty = --standalone.")
 
 
 class PipelineConfig(BaseModel):

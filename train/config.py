@@ -17,21 +17,34 @@ class _Section(BaseModel):
 
 
 class DatasetSpec(_Section):
+    """One dataset root to train on; several are mixed by weight (``train.data`` explains the schedule).
+
+    Which split is read is the caller's choice (``build_loader(..., split=...)``: train for training,
+    val for evaluation), so one list of datasets serves both.
+    """
+
     root: str | None = Field(None, description="Dataset root holding shards/index.json; None = the pipeline's storage root.")
-    weight: float = 1.0
-    split: Literal["train", "val"] = "train"
+    weight: float = Field(1.0, gt=0, description="Relative share of the global sample stream.")
 
 
 class LoaderConfig(_Section):
-    datasets: list[DatasetSpec] = Field(default_factory=lambda: [DatasetSpec()])
-    seed: int = 0
-    batch_size: int = Field(8, description="Sequences per rank per micro-step.")
-    num_workers: int = 0
-    prefetch_members: int = Field(4, description="Bounded read-ahead, in tar members per worker.")
-    verify_digests: bool = False
-    cache_dir: str | None = None
-    cache_limit_bytes: int = 1 << 30
-    pin_memory: bool = True
+    """The streaming loader (``train.data.build_loader``)."""
+
+    datasets: list[DatasetSpec] = Field(default_factory=lambda: [DatasetSpec()], min_length=1)
+    seed: int = Field(0, ge=0, description="Seeds the sample order (with the epoch); changing it changes every batch.")
+    batch_size: int = Field(8, ge=1, description="Sequences per rank per micro-step.")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes; 0 = a reader thread in the trainer's process.")
+    shuffle: bool = Field(True, description="Permute members each epoch and rows within a window of members; off = index order.")
+    shuffle_window: int = Field(4, ge=1, description="Members whose rows are shuffled together (also the unit of read-ahead).")
+    prefetch_members: int = Field(8, ge=1, description="Bounded read-ahead, in tar members per worker.")
+    prefetch_batches: int = Field(4, ge=1, description="Assembled batches kept ready per worker.")
+    io_threads: int = Field(4, ge=1, description="Concurrent byte-range reads per worker.")
+    coalesce_gap_bytes: int | None = Field(
+        None, ge=0, description="Merge row reads of a member separated by at most this many bytes; None = 64 KiB locally, 4 MiB on object stores.")
+    verify_digests: bool = Field(False, description="Check each shard's sha256 against the index before its first use (reads the whole shard once per process).")
+    cache_dir: str | None = Field(None, description="Local cache of members read from remote roots; None = no cache.")
+    cache_limit_bytes: int = Field(1 << 30, ge=0, description="Size bound of cache_dir; least recently used members are evicted.")
+    pin_memory: bool = Field(True, description="Pin batches when CUDA is available.")
 
 
 class OptimConfig(_Section):
@@ -77,10 +90,21 @@ class TrainConfig(_Section):
 
 
 class EvalConfig(_Section):
+    """Evaluation of a checkpoint (``train.evaluate.run_evaluation``); docs/evaluation.md explains each part."""
+
     enabled: bool = True
-    checkpoint: str | None = Field(None, description="Checkpoint URI; None = the run's latest.")
-    max_val_batches: int = 50
-    batch_size: int = 8
-    cloze_examples: int = 200
+    checkpoint: str | None = Field(None, description="Checkpoint URI or ref; None = the run's latest.")
+    max_val_batches: int = Field(50, ge=1, description="Bound on validation-shard batches for perplexity and expert statistics.")
+    batch_size: int = Field(8, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    held_out_docs: int = Field(2000, ge=0, description="Most held-out (val-split) documents read back for per-source perplexity and tasks.")
+    max_source_batches: int = Field(10, ge=0, description="Per-source perplexity: batches per source; 0 = skip.")
+    cloze_examples: int = Field(200, ge=0, description="Next-word cloze examples built from held-out documents; 0 = skip.")
+    cloze_min_context_words: int = Field(16, ge=1)
+    mc_examples: int = Field(100, ge=0, description="Examples of the generated held-out continuation task; 0 = skip.")
+    mc_choices: int = Field(4, ge=2)
+    mc_continuation_words: int = Field(12, ge=1)
     tasks: list[str] = Field(default_factory=list, description="Multiple-choice task files (JSONL) to run.")
     seed: int = 0
+    val_fraction: float | None = Field(None, ge=0, le=1, description="Train/val split of documents; None = from the root's pipeline.yaml (prep.tokenize), else the default.")
+    split_seed: int | None = Field(None, description="Split hash seed; None = as val_fraction.")

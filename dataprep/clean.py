@@ -1,0 +1,168 @@
+"""Text cleaning: one step that makes every document's text canonical before it is judged.
+
+Filters and dedup compare text, so invisible differences (a BOM, a zero-width space, NFD accents,
+trailing blanks, CRLF) would make equal documents look different and skew every ratio. The step
+is built once from :class:`CleanConfig` (every regex compiled here, never per document) and runs, in
+order: mojibake repair (optional, ftfy) → Unicode normalization → control/invisible character
+removal → line breaks and whitespace normalization → boilerplate line removal → blank-line cap → PII masking →
+minimum length. ASCII text skips the Unicode work (``str.isascii`` is O(1) in CPython).
+
+Zero-width (non-)joiners (U+200C/U+200D) are kept: they are spelling in Persian and Indic scripts
+and glue emoji sequences.
+"""
+from __future__ import annotations
+
+import ipaddress
+import re
+import unicodedata
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+
+from .config import CleanConfig
+from .stage import Document, Step
+
+# C0 controls except \t and \n, DEL and C1 controls. \r, \v, \f are line breaks and handled apart.
+_CONTROL = "\x00-\x08\x0e-\x1f\x7f-\x9f"
+# Zero-width space, word joiner, invisible operators, BOM, soft hyphen, bidi marks/embeddings/
+# isolates, Arabic letter mark, Mongolian vowel separator, interlinear annotation controls.
+_INVISIBLE = "\u200b\u2060-\u2064\ufeff\u00ad\u200e\u200f\u202a-\u202e\u2066-\u2069\u061c\u180e\ufff9-\ufffb"
+# Unicode spaces other than U+0020 (NBSP, en/em spaces, narrow NBSP, ideographic space ...).
+_UNICODE_SPACES = "\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000"
+
+# Line breaks other than \n: CR LF, CR, VT, FF, NEL, line and paragraph separators.
+_LINE_BREAKS = re.compile(r"\r\n?|[\x0b\x0c\x85\u2028\u2029]")
+_TRAILING_WS = re.compile(r"[ \t]+(?=\n|\Z)")
+_LEADING_WS = re.compile(r"(?m)^[ \t]+")
+_INNER_WS = re.compile(r"(?<=[^ \t\n])(?:[ \t]{2,}|\t)")
+_ANY_WS_RUN = re.compile(r"[ \t]{2,}|\t")
+
+_EMAIL = re.compile(r"(?<![\w.%+-])[A-Za-z0-9](?:[A-Za-z0-9._%+-]{0,63})@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24}\b")
+_OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+_IPV4 = re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?!\w|\.\d)")
+# Candidates only; ipaddress validates them (so "::", C++ "std::x" and clock times stay untouched).
+_IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{1,4}:|:)(?:[0-9A-Fa-f]{0,4}:){1,7}(?:[0-9A-Fa-f]{1,4}|(?:\d{1,3}\.){3}\d{1,3})?(?![\w:])")
+
+
+class Cleaner:
+    """Compiled form of a :class:`CleanConfig`; :meth:`clean` maps one text to its clean form."""
+
+    def __init__(self, cfg: CleanConfig):
+        self.cfg = cfg
+        self._fix_encoding: Callable[[str], str] | None = None
+        if cfg.fix_mojibake:
+            try:
+                from ftfy import fix_encoding
+            except ImportError as exc:  # CleanConfig validation normally catches this first
+                raise RuntimeError("clean.fix_mojibake needs the optional package 'ftfy' (pip install ftfy)") from exc
+            self._fix_encoding = fix_encoding
+        self._form = None if cfg.unicode_form == "none" else cfg.unicode_form
+        drop = (_CONTROL if cfg.remove_control_chars else "") + (_INVISIBLE if cfg.remove_invisible_chars else "")
+        self._drop_ascii = re.compile(f"[{_CONTROL}]") if cfg.remove_control_chars else None
+        self._drop = re.compile(f"[{drop}]") if drop else None
+        self._spaces = re.compile(f"[{_UNICODE_SPACES}]") if cfg.normalize_whitespace else None
+        self._inner_ws = _INNER_WS if cfg.keep_indentation else _ANY_WS_RUN
+        self._max_nl = cfg.max_newlines
+        self._newlines = re.compile("\n{%d,}" % (cfg.max_newlines + 1))
+        self._boilerplate = [re.compile(p) for p in cfg.boilerplate_patterns] if cfg.remove_boilerplate_lines else []
+        # Screens: MULTILINE versions that find, in one pass over the text, whether any line may match.
+        self._boilerplate_screen = [re.compile(p, re.MULTILINE) for p in cfg.boilerplate_patterns] if self._boilerplate else []
+        self._email_repl = cfg.email_replacement
+        self._ip_repl = cfg.ip_replacement
+
+    def clean(self, text: str, counters: Counter) -> str:
+        cfg = self.cfg
+        ascii_text = text.isascii()
+        if cfg.normalize_whitespace and (not ascii_text or "\r" in text or "\x0b" in text or "\x0c" in text):
+            text = _LINE_BREAKS.sub("\n", text)
+        if not ascii_text:
+            if self._fix_encoding is not None:
+                fixed = self._fix_encoding(text)
+                if fixed != text:
+                    counters["clean.mojibake_fixed"] += 1
+                    text = fixed
+            if self._form is not None:
+                text = unicodedata.normalize(self._form, text)
+            if self._drop is not None:
+                text = self._drop.sub("", text)
+            if self._spaces is not None:
+                text = self._spaces.sub(" ", text)
+        elif self._drop_ascii is not None:
+            text = self._drop_ascii.sub("", text)
+        if cfg.normalize_whitespace:
+            text = _TRAILING_WS.sub("", text)
+            if not cfg.keep_indentation:
+                text = _LEADING_WS.sub("", text)
+            text = self._inner_ws.sub(" ", text)
+        if self._boilerplate:
+            text = self._remove_boilerplate(text, counters)
+        if cfg.normalize_whitespace:
+            text = self._newlines.sub("\n" * self._max_nl, text).strip()
+        if cfg.mask_emails and "@" in text:
+            text, n = _EMAIL.subn(self._email_repl, text)
+            if n:
+                counters["masked.email"] += n
+        if cfg.mask_ips:
+            text = self._mask_ips(text, counters)
+        return text
+
+    def _remove_boilerplate(self, text: str, counters: Counter) -> str:
+        if not any(p.search(text) for p in self._boilerplate_screen):
+            return text
+        kept, removed = [], 0
+        patterns = self._boilerplate
+        for line in text.split("\n"):
+            if any(p.search(line) for p in patterns):
+                removed += 1
+            else:
+                kept.append(line)
+        if removed:
+            counters["clean.boilerplate_lines"] += removed
+        return "\n".join(kept)
+
+    def _mask_ips(self, text: str, counters: Counter) -> str:
+        if "." in text:
+            text, n = _IPV4.subn(self._ip_repl, text)
+            if n:
+                counters["masked.ipv4"] += n
+        if ":" in text:
+            found = 0
+            repl = self._ip_repl
+
+            def sub(m: re.Match) -> str:
+                nonlocal found
+                candidate = m.group(0)
+                try:
+                    ipaddress.IPv6Address(candidate)
+                except ValueError:
+                    return candidate
+                if candidate.count(":") < 2 or not any(c not in ":." for c in candidate):
+                    return candidate
+                found += 1
+                return repl
+
+            text = _IPV6.sub(sub, text)
+            if found:
+                counters["masked.ipv6"] += found
+        return text
+
+
+def clean_step(cfg: CleanConfig) -> Step:
+    """The clean step: cleans each document's text, drops those shorter than ``min_chars`` after.
+
+    Counters: ``dropped.clean.empty_after_clean``, ``masked.{email,ipv4,ipv6}``,
+    ``clean.boilerplate_lines``, ``clean.mojibake_fixed``.
+    """
+    cleaner = Cleaner(cfg)
+    min_chars = cfg.min_chars
+
+    def step(docs: Iterable[Document], counters: Counter) -> Iterator[Document]:
+        clean = cleaner.clean
+        for doc in docs:
+            text = clean(doc["text"], counters)
+            if len(text) < min_chars or not text:
+                counters["dropped.clean.empty_after_clean"] += 1
+                continue
+            doc["text"] = text
+            yield doc
+
+    return step

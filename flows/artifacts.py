@@ -1,0 +1,164 @@
+"""What a run shows in the Prefect UI: stage tables, a markdown summary, progress bars, eval reports.
+
+The numbers come from the manifest records (the source of truth), not from task return values, so
+a table lists skipped shards with the counts of the run that produced them. Building the rows is
+pure (tested without a server); publishing never fails a run: an unreachable API only logs.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from shardflow.storage.manifest import ShardRecord
+
+log = logging.getLogger(__name__)
+
+MAX_TABLE_ROWS = 500
+"""Per-shard rows beyond this are folded into the totals row (the UI renders tables client-side)."""
+
+
+def artifact_key(*parts: str) -> str:
+    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    key = "-".join(re.sub(r"[^a-z0-9]+", "-", p.lower()).strip("-") for p in parts if p)
+    return key or "shardflow"
+
+
+def _sum_prefix(counts: Mapping[str, int], prefix: str) -> int:
+    return sum(v for k, v in counts.items() if k.startswith(prefix))
+
+
+def tokens_of(counts: Mapping[str, int]) -> int:
+    """Tokens a shard produced: ``tokens`` or the sum of ``tokens.<split>`` counters."""
+    if "tokens" in counts:
+        return int(counts["tokens"])
+    return _sum_prefix(counts, "tokens.")
+
+
+def docs_of(counts: Mapping[str, int]) -> tuple[int, int]:
+    """(documents in, documents kept) of a shard; a stage that keeps everything has no docs_out."""
+    docs_in = int(counts.get("docs_in", 0))
+    return docs_in, int(counts.get("docs_out", docs_in))
+
+
+def drops_by_filter(counts: Mapping[str, int]) -> dict[str, int]:
+    """``dropped.<filter>.<reason>`` counters summed per filter."""
+    out: dict[str, int] = {}
+    for k, v in counts.items():
+        if k.startswith("dropped."):
+            name = k.split(".")[1] if k.count(".") >= 1 else k
+            out[name] = out.get(name, 0) + int(v)
+    return dict(sorted(out.items()))
+
+
+def shard_row(shard_id: str, state: str, record: ShardRecord | None) -> dict[str, Any]:
+    counts = record.counts if record is not None and record.status == "done" else {}
+    docs_in, docs_out = docs_of(counts)
+    row: dict[str, Any] = {"shard": shard_id, "state": state, "docs_in": docs_in, "docs_out": docs_out,
+                           "quarantined": _sum_prefix(counts, "quarantined.")}
+    for name, n in drops_by_filter(counts).items():
+        row[f"dropped.{name}"] = n
+    row["tokens"] = tokens_of(counts)
+    row["wall_time_s"] = round(record.wall_time_s, 3) if record is not None else 0.0
+    return row
+
+
+def stage_table(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows with a common set of columns (missing drop columns = 0), sorted, plus a TOTAL row."""
+    rows = sorted(rows, key=lambda r: r["shard"])
+    drop_cols = sorted({k for r in rows for k in r if k.startswith("dropped.")})
+    cols = ["shard", "state", "docs_in", "docs_out", "quarantined", *drop_cols, "tokens", "wall_time_s"]
+    table = [{c: r.get(c, 0) for c in cols} for r in rows]
+    total: dict[str, Any] = {c: 0 for c in cols}
+    states: dict[str, int] = {}
+    for r in table:
+        states[r["state"]] = states.get(r["state"], 0) + 1
+        for c in cols[2:]:
+            total[c] += r[c]
+    total["shard"] = f"TOTAL ({len(table)} shards)"
+    total["state"] = ", ".join(f"{n} {s}" for s, n in sorted(states.items()))
+    total["wall_time_s"] = round(total["wall_time_s"], 3)
+    return table[:MAX_TABLE_ROWS] + [total]
+
+
+def stage_summary(name: str, table: list[dict[str, Any]], ran: int, skipped: int, failed: list[str],
+                  wall_s: float) -> dict[str, Any]:
+    total = table[-1] if table else {}
+    return {"stage": name, "shards": max(len(table) - 1, 0) if len(table) <= MAX_TABLE_ROWS else None,
+            "ran": ran, "skipped": skipped, "failed": list(failed),
+            "docs_in": total.get("docs_in", 0), "docs_out": total.get("docs_out", 0),
+            "quarantined": total.get("quarantined", 0), "tokens": total.get("tokens", 0),
+            "drops": {k[len("dropped."):]: v for k, v in total.items() if k.startswith("dropped.") and v},
+            "wall_s": round(wall_s, 2)}
+
+
+def summary_markdown(title: str, summaries: list[dict[str, Any]], error: str | None = None) -> str:
+    lines = [f"# {title}", ""]
+    if error:
+        lines += [f"**Failed:** {error}", ""]
+    lines += ["| stage | ran | skipped | failed | docs in | docs kept | quarantined | tokens | wall s |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for s in summaries:
+        lines.append(f"| {s['stage']} | {s['ran']} | {s['skipped']} | {len(s['failed'])} | {s['docs_in']:,} | "
+                     f"{s['docs_out']:,} | {s['quarantined']:,} | {s['tokens']:,} | {s['wall_s']:.1f} |")
+    drops = [(s["stage"], k, v) for s in summaries for k, v in s["drops"].items()]
+    if drops:
+        lines += ["", "## Documents dropped", "", "| stage | by | documents |", "|---|---|---:|"]
+        lines += [f"| {st} | {k} | {v:,} |" for st, k, v in drops]
+    failed = [(s["stage"], f) for s in summaries for f in s["failed"]]
+    if failed:
+        lines += ["", "## Failed shards", ""] + [f"- `{st}` shard `{f}`" for st, f in failed]
+    return "\n".join(lines) + "\n"
+
+
+# -- publishing (needs a Prefect run context or API) ---------------------------------------------
+
+def _safe(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - the UI is a view; never fail a run over it
+        log.warning("could not publish Prefect artifact: %s", exc)
+        return None
+
+
+def publish_table(key: str, table: list[dict[str, Any]], description: str) -> None:
+    from prefect.artifacts import create_table_artifact
+
+    _safe(create_table_artifact, table=table, key=artifact_key(key), description=description)
+
+
+def publish_markdown(key: str, markdown: str, description: str) -> None:
+    from prefect.artifacts import create_markdown_artifact
+
+    _safe(create_markdown_artifact, markdown=markdown, key=artifact_key(key), description=description)
+
+
+class Progress:
+    """A progress artifact for a stage with many shards, updated at most every ``min_interval_s``."""
+
+    def __init__(self, key: str, total: int, description: str, min_interval_s: float = 2.0):
+        from prefect.artifacts import create_progress_artifact
+
+        self.total, self.done, self.min_interval_s = max(total, 1), 0, min_interval_s
+        self._last = time.monotonic()
+        self._id = _safe(create_progress_artifact, progress=0.0, key=artifact_key(key), description=description)
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        now = time.monotonic()
+        if self._id is not None and (self.done >= self.total or now - self._last >= self.min_interval_s):
+            from prefect.artifacts import update_progress_artifact
+
+            self._last = now
+            _safe(update_progress_artifact, artifact_id=self._id, progress=round(100.0 * self.done / self.total, 1))
+
+
+def publish_eval(result: Mapping[str, Any], run: str) -> None:
+    """Evaluation report: its markdown, and each of its tables."""
+    if result.get("report_md"):
+        publish_markdown(f"eval-report-{run}", str(result["report_md"]), f"Evaluation report of run {run}")
+    for name, rows in sorted((result.get("tables") or {}).items()):
+        if rows:
+            publish_table(f"eval-{run}-{name}", list(rows), f"Evaluation of run {run}: {name}")

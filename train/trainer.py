@@ -1,0 +1,371 @@
+"""The training loop: streaming batches → MoE Transformer → AdamW, with exact resume.
+
+``train(cfg, storage)`` runs in a plain process (a world of one: tests, a Prefect task, a
+notebook) and under ``torchrun`` (one process per device; DDP by default, FSDP2 as an option).
+
+Exact resume is the design constraint everything else bends to. A run killed at any instant and
+restarted produces the loss sequence of an uninterrupted run, bit for bit (same world size and
+device), because each step is a pure function of what the checkpoint holds:
+
+* the batch: the loader's position is a count of global samples consumed, restored by seeking
+  (``train.data``); the order does not depend on when the process started;
+* the weights and AdamW moments: DCP tensors, loaded in place, exact;
+* the learning rate: a pure function of the step (``optim.WarmupCosine``);
+* randomness (router jitter, anything stochastic): every rank's Python/NumPy/torch generator
+  states are restored; evaluation runs between save points under a saved-and-restored RNG so it
+  cannot shift the training stream;
+* arithmetic: deterministic algorithms where torch has them, no autotuning, the same
+  micro-batch split and reduction order each time.
+
+What a crash can lose is the work since the last checkpoint; the metrics log is cut back to the
+committed step on restart so those steps are not logged twice (``train.metrics``).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from shardflow.storage import Storage, StorageConfig
+from shardflow.storage.shards import ShardIndexError, read_index
+
+from .checkpoint import CheckpointError, Checkpointer, capture_rng, restore_rng, run_ref
+from .config import TrainConfig
+from .distributed import DistEnv, autocast_dtype, init_distributed, set_grad_sync, teardown, unwrap, wrap_model
+from .metrics import MetricsLog, Progress
+from .model import MoETransformer
+from .optim import WarmupCosine, build_optimizer
+
+
+class TrainingDataError(ValueError):
+    """The shards cannot feed this model (missing, empty, other tokenizer/vocabulary); names the file."""
+
+
+def dataset_storage(storage: Storage, root: str | None) -> Storage:
+    """The Storage of one ``train.data.datasets`` entry: the pipeline root, or another root with the same options."""
+    if root is None:
+        return storage
+    return Storage.from_config(storage.config.model_copy(update={"root": root}))
+
+
+def check_data(cfg: TrainConfig, storage: Storage, need_val: bool = False) -> dict[str, Any]:
+    """Validate every dataset's ``shards/index.json`` against the model before anything is built.
+
+    Returns the first dataset's index. Errors: no index (the data was never packed), an empty
+    split, a vocabulary that differs from ``train.model.vocab_size`` (token ids would index out
+    of the embedding, or the model would learn from a different tokenizer than the one exported
+    with it), sequences longer than ``max_seq_len``, datasets of different tokenizers.
+    """
+    first: dict[str, Any] | None = None
+    for spec in cfg.data.datasets:
+        st = dataset_storage(storage, spec.root)
+        try:
+            index = read_index(st)
+        except ShardIndexError as exc:
+            raise TrainingDataError(f"no usable training shards: {exc}") from None
+        uri = st.uri("shards/index.json")
+        splits = ["train"] + (["val"] if need_val else [])
+        for split in splits:
+            sp = index["splits"].get(split)
+            if not sp or not sp.get("samples"):
+                raise TrainingDataError(f"{uri}: split {split!r} has no samples"
+                                        + (" (set train.trainer.eval_every=0 to train without validation)" if split == "val" else ""))
+        if index["vocab_size"] != cfg.model.vocab_size:
+            raise TrainingDataError(
+                f"{uri}: shards were tokenized with vocab_size={index['vocab_size']} (tokenizer "
+                f"{index['tokenizer_digest']}) but train.model.vocab_size={cfg.model.vocab_size}; "
+                f"set train.model.vocab_size={index['vocab_size']} or re-tokenize")
+        if index["seq_len"] > cfg.model.max_seq_len:
+            raise TrainingDataError(f"{uri}: shards hold sequences of {index['seq_len']} tokens but "
+                                    f"train.model.max_seq_len={cfg.model.max_seq_len}")
+        if first is not None and index["tokenizer_digest"] != first["tokenizer_digest"]:
+            raise TrainingDataError(f"{uri}: tokenizer {index['tokenizer_digest']} differs from the first "
+                                    f"dataset's {first['tokenizer_digest']}; mixed datasets must share a tokenizer")
+        first = first or index
+    if first is None:
+        raise TrainingDataError("train.data.datasets is empty")
+    return first
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rank_seed(seed: int, rank: int, step: int) -> int:
+    """A training-stream seed per rank (distinct ranks must not draw the same noise)."""
+    return (seed * 1_000_003 + rank * 7_919 + step) % 2**63
+
+
+@contextlib.contextmanager
+def _deterministic(enabled: bool, device: torch.device):
+    """``use_deterministic_algorithms`` for the duration of training, restoring the caller's setting."""
+    prev = torch.are_deterministic_algorithms_enabled()
+    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    prev_bench = torch.backends.cudnn.benchmark
+    if enabled:
+        if device.type == "cuda":
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.backends.cudnn.benchmark = False
+        # warn_only: an op without a deterministic kernel warns instead of killing a long run.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
+        torch.backends.cudnn.benchmark = prev_bench
+
+
+class _Batches:
+    """Endless iteration over a loader whose iterator may end at each epoch boundary."""
+
+    def __init__(self, loader: Any):
+        self.loader = loader
+        self._it: Iterator | None = None
+
+    def next(self) -> torch.Tensor:
+        for _ in range(2):
+            if self._it is None:
+                self._it = iter(self.loader)
+            try:
+                return next(self._it)
+            except StopIteration:
+                self._it = None
+        raise TrainingDataError("the training loader yields no batches (fewer samples than ranks x batch_size?)")
+
+
+class Trainer:
+    """One training run; build with the config, the dataset root and this process's DistEnv."""
+
+    def __init__(self, cfg: TrainConfig, storage: Storage, env: DistEnv | None = None):
+        from .data import build_loader
+
+        self.cfg, self.storage = cfg, storage
+        self.env = env or DistEnv()
+        tc = cfg.trainer
+        self.device = self.env.device
+        self.index = check_data(cfg, storage, need_val=tc.eval_every > 0)
+        self.model_config = cfg.model.model_dump(mode="json")
+
+        seed_all(tc.seed)  # identical initial weights on every rank (FSDP2 does not broadcast them)
+        model = MoETransformer(cfg.model, activation_checkpointing=tc.activation_checkpointing)
+        self.raw_model = model.to(self.device)
+        self.n_params, self.n_active = cfg.model.num_params(), cfg.model.num_active_params()
+        if tc.compile:
+            for block in model.blocks:  # per block: small graphs, shared by all layers
+                block.compile()
+        self.compute_dtype = autocast_dtype(tc.dtype, self.device)
+        fsdp = tc.parallelism == "fsdp" and self.env.distributed
+        self.model = wrap_model(model, self.env, tc.parallelism, param_dtype=self.compute_dtype if fsdp else None)
+        # FSDP2 casts through its MixedPrecisionPolicy; everything else autocasts.
+        self.autocast = self.compute_dtype if not fsdp else None
+        self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
+        self.schedule = WarmupCosine.from_config(cfg.optim, tc.steps)
+
+        self._build_loader = build_loader
+        self.loader = build_loader(cfg.data, storage, self.env.rank, self.env.world_size, split="train")
+        self.checkpointer = Checkpointer(storage, cfg.run, cfg.checkpoint.keep_last, self.env)
+        self.metrics = MetricsLog(storage, f"{run_ref(cfg.run)}/metrics.jsonl", enabled=self.env.is_main)
+
+    # -- checkpoint state ------------------------------------------------------------------------------
+    def _meta(self, step: int, tokens: int) -> dict[str, Any]:
+        return {
+            "model_config": self.model_config,
+            "model_config_digest": _digest(self.model_config),
+            "data": {k: self.index[k] for k in ("tokenizer_digest", "vocab_size", "seq_len", "eos_id")},
+            "parallelism": self.cfg.trainer.parallelism,
+            "loader": self.loader.state_dict(),
+            "scheduler": dict(self.schedule.state_dict(), step=step),
+            "tokens": tokens,
+            "train_config": self.cfg.model_dump(mode="json"),
+        }
+
+    def _resume(self) -> tuple[int, int]:
+        """Restore the latest committed checkpoint if there is one; (step, tokens seen)."""
+        tc = self.cfg.trainer
+        latest = self.checkpointer.latest_step() if self.env.is_main else None
+        latest = self.env.broadcast_object(latest)
+        if latest is None:
+            seed_all(_rank_seed(tc.seed, self.env.rank, 0))
+            return 0, 0
+        meta, rng = self.checkpointer.load(latest, self.model, self.optimizer, self.model_config)
+        where = self.storage.uri(self.checkpointer.step_ref(latest))
+        saved_tok = meta.get("data", {}).get("tokenizer_digest")
+        if saved_tok != self.index["tokenizer_digest"]:
+            raise CheckpointError(f"{where}: trained on shards of tokenizer {saved_tok}, but the shards now come "
+                                  f"from tokenizer {self.index['tokenizer_digest']}; start a new run")
+        self.loader.load_state_dict(meta["loader"])
+        if rng is not None:
+            restore_rng(rng)
+        else:  # another world size: per-rank streams cannot be carried over, start fresh ones
+            seed_all(_rank_seed(tc.seed, self.env.rank, latest))
+        changed = self.schedule.differs_from(meta.get("scheduler", {}))
+        if changed and self.env.is_main:
+            print(f"[shardflow.train] resuming with a changed schedule: {', '.join(changed)}", flush=True)
+        return latest, int(meta.get("tokens", 0))
+
+    def _save(self, step: int, tokens: int) -> str:
+        ref = self.checkpointer.save(step, self.model, self.optimizer, self._meta(step, tokens), capture_rng())
+        if self.env.is_main:
+            self.metrics.flush(durable=True)  # the log covers the step before the pointer names it
+        self.checkpointer.commit(step)
+        return ref
+
+    # -- one optimizer step ------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast)
+
+    def train_step(self, batches: _Batches) -> dict[str, Any]:
+        """``grad_accum`` micro-batches → one clipped AdamW update; metrics reduced over ranks."""
+        tc, ga = self.cfg.trainer, self.cfg.trainer.grad_accum
+        self.model.train()
+        stats = torch.zeros(4, dtype=torch.float64, device=self.device)  # ce, aux, z, dropped
+        counts = None
+        tokens = 0
+        for micro in range(ga):
+            batch = batches.next().to(self.device, non_blocking=True)
+            inputs, targets = batch[:, :-1], batch[:, 1:]
+            tokens += targets.numel()
+            with set_grad_sync(self.model, micro == ga - 1), self._autocast():
+                out = self.model(inputs, targets, return_logits=False)
+                (out.total_loss / ga).backward()
+            stats += torch.stack([out.loss.detach(), out.aux_loss.detach(), out.z_loss.detach(),
+                                  out.dropped_tokens.detach()]).to(torch.float64)
+            c = out.expert_counts.detach()
+            counts = c if counts is None else counts + c
+        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor holding the global norm
+            grad_norm = grad_norm.full_tensor()
+        stats[:3] /= ga
+        self.env.all_reduce_sum(stats)
+        self.env.all_reduce_sum(counts)
+        stats[:3] /= self.env.world_size
+        ce, aux, z, dropped = stats.tolist()
+        gn = float(grad_norm)
+        if not (math.isfinite(ce) and math.isfinite(gn)):
+            raise FloatingPointError(f"non-finite loss ({ce}) or gradient norm ({gn}); the update was not applied. "
+                                     "Lower optim.lr or raise warmup, then resume from the last checkpoint.")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": ce, "aux_loss": aux, "z_loss": z, "grad_norm": gn,
+                "expert_tokens": counts.tolist(), "dropped_tokens": int(dropped),
+                "tokens_step": tokens * self.env.world_size}
+
+    @torch.no_grad()
+    def evaluate(self, n_batches: int) -> float:
+        """Mean CE over the first ``n_batches`` batches of every rank's val stream (same batches each time)."""
+        rng = capture_rng()
+        loader = self._build_loader(self.cfg.data, self.storage, self.env.rank, self.env.world_size, split="val")
+        self.model.eval()
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        try:
+            for i, batch in enumerate(loader):
+                if i >= n_batches:
+                    break
+                batch = batch.to(self.device, non_blocking=True)
+                with self._autocast():
+                    out = self.model(batch[:, :-1], batch[:, 1:], return_logits=False)
+                n = batch[:, 1:].numel()
+                total += torch.stack([out.loss.double() * n, torch.tensor(float(n), dtype=torch.float64, device=self.device)])
+        finally:
+            self.model.train()
+            restore_rng(rng)
+            close = getattr(loader, "close", None)
+            if callable(close):
+                close()
+        self.env.all_reduce_sum(total)
+        return float(total[0] / total[1]) if total[1] > 0 else float("nan")
+
+    # -- the loop --------------------------------------------------------------------------------------
+    def fit(self, max_steps: int | None = None) -> dict[str, Any]:
+        tc, ck = self.cfg.trainer, self.cfg.checkpoint
+        t_start = time.perf_counter()
+        start, tokens = self._resume() if ck.enabled else (0, 0)
+        if not ck.enabled:
+            seed_all(_rank_seed(tc.seed, self.env.rank, 0))
+        end = tc.steps if max_steps is None else min(tc.steps, max_steps)
+        self.metrics.start(start)
+        progress = Progress(tc.steps, start, tc.log_every, enabled=self.env.is_main and tc.progress)
+        batches = _Batches(self.loader)
+        last: dict[str, Any] = {}
+        ckpt_ref = self.checkpointer.step_ref(start) if start else None
+        try:
+            for step in range(start + 1, end + 1):
+                t0 = time.perf_counter()
+                lr = self.schedule.apply(self.optimizer, step)
+                st = self.train_step(batches)
+                step_tokens = st.pop("tokens_step")
+                tokens += step_tokens
+                dt = time.perf_counter() - t0
+                rec = {"step": step, "loss": st["loss"], "aux_loss": st["aux_loss"], "z_loss": st["z_loss"],
+                       "lr": lr, "grad_norm": st["grad_norm"], "tokens": tokens,
+                       "tokens_per_s": step_tokens / dt, "step_time_s": dt, "expert_tokens": st["expert_tokens"], "dropped_tokens": st["dropped_tokens"]}
+                if tc.eval_every > 0 and step % tc.eval_every == 0:
+                    rec["val_loss"] = self.evaluate(tc.eval_batches)
+                self.metrics.append(rec)
+                progress.update(step, rec)
+                last = rec
+                save = ck.enabled and (step == end or (ck.every_steps > 0 and step % ck.every_steps == 0))
+                if save:
+                    ckpt_ref = self._save(step, tokens)
+                elif self.env.is_main and step % max(1, tc.log_every) == 0:
+                    self.metrics.flush()
+        finally:
+            progress.close()
+            self.metrics.close()
+            close = getattr(self.loader, "close", None)
+            if callable(close):
+                close()
+        return {
+            "run": self.cfg.run,
+            "start_step": start,
+            "step": last.get("step", start),
+            "steps": tc.steps,
+            "loss": last.get("loss"),
+            "val_loss": last.get("val_loss"),
+            "tokens": tokens,
+            "world_size": self.env.world_size,
+            "params": self.n_params,
+            "active_params": self.n_active,
+            "checkpoint": self.storage.uri(ckpt_ref) if ckpt_ref else None,
+            "metrics": self.storage.uri(self.metrics.ref),
+            "wall_time_s": time.perf_counter() - t_start,
+        }
+
+
+def _digest(obj: Any) -> str:
+    from .checkpoint import model_config_digest
+
+    return model_config_digest(obj)
+
+
+def train(cfg: TrainConfig, storage: Storage | StorageConfig, *, max_steps: int | None = None) -> dict[str, Any]:
+    """Train (or resume) run ``cfg.run`` on the shards under ``storage``; returns a summary dict.
+
+    Works in-process (world of one) and under torchrun (joins the process group from the
+    environment and leaves it at the end). ``max_steps`` stops early at that step (with a
+    checkpoint) without changing the schedule, which is always planned for ``trainer.steps``.
+    Summary keys: run, start_step, step, steps, loss, val_loss, tokens, world_size, params,
+    active_params, checkpoint (URI of the last committed step dir), metrics (URI), wall_time_s.
+    """
+    if isinstance(storage, StorageConfig):
+        storage = Storage.from_config(storage)
+    env = init_distributed(cfg.trainer.device)
+    try:
+        with _deterministic(cfg.trainer.deterministic, env.device):
+            return Trainer(cfg, storage, env).fit(max_steps=max_steps)
+    finally:
+        teardown(env)
+
+
+__all__ = ["Trainer", "TrainingDataError", "check_data", "train"]
