@@ -31,16 +31,41 @@ _UNICODE_SPACES = "\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000"
 
 # Line breaks other than \n: CR LF, CR, VT, FF, NEL, line and paragraph separators.
 _LINE_BREAKS = re.compile(r"\r\n?|[\x0b\x0c\x85\u2028\u2029]")
+_LINE_BREAK_CHARS = ("\r", "\x0b", "\x0c", "\x85", "\u2028", "\u2029")
+# Every pattern below starts with a character class or literal, so the regex engine scans for it
+# at C speed instead of trying each position (a leading lookbehind would defeat that).
 _TRAILING_WS = re.compile(r"[ \t]+(?=\n|\Z)")
 _LEADING_WS = re.compile(r"(?m)^[ \t]+")
-_INNER_WS = re.compile(r"(?<=[^ \t\n])(?:[ \t]{2,}|\t)")
+# A run after a non-blank character: a tab, or two or more blanks (leading indentation untouched).
+_INNER_WS = re.compile(r"[ \t](?<=[^ \t\n][ \t])(?:(?<=\t)|[ \t])[ \t]*")
 _ANY_WS_RUN = re.compile(r"[ \t]{2,}|\t")
 
 _EMAIL = re.compile(r"(?<![\w.%+-])[A-Za-z0-9](?:[A-Za-z0-9._%+-]{0,63})@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24}\b")
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 _IPV4 = re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?!\w|\.\d)")
-# Candidates only; ipaddress validates them (so "::", C++ "std::x" and clock times stay untouched).
+# Candidates only; ipaddress validates them and a digit is required (so "::", C++ scopes such as
+# "std::x" or "a::b", MAC addresses and clock times stay untouched).
 _IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{1,4}:|:)(?:[0-9A-Fa-f]{0,4}:){1,7}(?:[0-9A-Fa-f]{1,4}|(?:\d{1,3}\.){3}\d{1,3})?(?![\w:])")
+
+
+_GLOBAL_FLAGS = re.compile(r"^\(\?[aiLmsux]+\)")
+
+
+def _line_screen(pattern: str) -> Callable[[str], bool]:
+    """A one-pass test of a whole text that is true whenever some line may match ``pattern``.
+
+    Patterns are meant per line; the screen lets the common case (no line matches) skip the
+    per-line loop. A pattern anchored with ``^`` is searched as ``\n`` + rest over ``"\n" + text``
+    so that the engine jumps from newline to newline instead of testing ``^`` at every character.
+    It may say yes when no line matches (the per-line loop then decides), never the reverse.
+    """
+    m = _GLOBAL_FLAGS.match(pattern)
+    flags, rest = (m.group(0), pattern[m.end():]) if m else ("", pattern)
+    if rest.startswith("^"):
+        anchored = re.compile(flags + r"\n" + rest[1:], re.MULTILINE)
+        return lambda text: anchored.search("\n" + text) is not None
+    plain = re.compile(pattern, re.MULTILINE)
+    return lambda text: plain.search(text) is not None
 
 
 class Cleaner:
@@ -63,16 +88,16 @@ class Cleaner:
         self._inner_ws = _INNER_WS if cfg.keep_indentation else _ANY_WS_RUN
         self._max_nl = cfg.max_newlines
         self._newlines = re.compile("\n{%d,}" % (cfg.max_newlines + 1))
+        self._nl_run = "\n" * (cfg.max_newlines + 1)
         self._boilerplate = [re.compile(p) for p in cfg.boilerplate_patterns] if cfg.remove_boilerplate_lines else []
-        # Screens: MULTILINE versions that find, in one pass over the text, whether any line may match.
-        self._boilerplate_screen = [re.compile(p, re.MULTILINE) for p in cfg.boilerplate_patterns] if self._boilerplate else []
+        self._boilerplate_screen = [_line_screen(p) for p in cfg.boilerplate_patterns] if self._boilerplate else []
         self._email_repl = cfg.email_replacement
         self._ip_repl = cfg.ip_replacement
 
     def clean(self, text: str, counters: Counter) -> str:
         cfg = self.cfg
         ascii_text = text.isascii()
-        if cfg.normalize_whitespace and (not ascii_text or "\r" in text or "\x0b" in text or "\x0c" in text):
+        if cfg.normalize_whitespace and any(c in text for c in (_LINE_BREAK_CHARS[:3] if ascii_text else _LINE_BREAK_CHARS)):
             text = _LINE_BREAKS.sub("\n", text)
         if not ascii_text:
             if self._fix_encoding is not None:
@@ -89,14 +114,19 @@ class Cleaner:
         elif self._drop_ascii is not None:
             text = self._drop_ascii.sub("", text)
         if cfg.normalize_whitespace:
-            text = _TRAILING_WS.sub("", text)
+            # substring tests (C memchr-speed) skip the regex passes that would find nothing
+            if " \n" in text or "\t\n" in text or text.endswith((" ", "\t")):
+                text = _TRAILING_WS.sub("", text)
             if not cfg.keep_indentation:
                 text = _LEADING_WS.sub("", text)
-            text = self._inner_ws.sub(" ", text)
+            if "  " in text or "\t" in text:
+                text = self._inner_ws.sub(" ", text)
         if self._boilerplate:
             text = self._remove_boilerplate(text, counters)
         if cfg.normalize_whitespace:
-            text = self._newlines.sub("\n" * self._max_nl, text).strip()
+            if self._nl_run in text:
+                text = self._newlines.sub("\n" * self._max_nl, text)
+            text = text.strip()
         if cfg.mask_emails and "@" in text:
             text, n = _EMAIL.subn(self._email_repl, text)
             if n:
@@ -106,7 +136,7 @@ class Cleaner:
         return text
 
     def _remove_boilerplate(self, text: str, counters: Counter) -> str:
-        if not any(p.search(text) for p in self._boilerplate_screen):
+        if not any(screen(text) for screen in self._boilerplate_screen):
             return text
         kept, removed = [], 0
         patterns = self._boilerplate
@@ -135,8 +165,8 @@ class Cleaner:
                     ipaddress.IPv6Address(candidate)
                 except ValueError:
                     return candidate
-                if candidate.count(":") < 2 or not any(c not in ":." for c in candidate):
-                    return candidate
+                if not any(c.isdigit() for c in candidate):
+                    return candidate  # "::", or hex-letter C++ scopes like "a::b", "add::feed"
                 found += 1
                 return repl
 

@@ -133,14 +133,15 @@ class FilterConfig(_Section):
 
 
 class DedupConfig(_Section):
-    exact: bool = True
-    near: bool = True
-    ngram: int = 5
-    num_bands: int = 14
-    rows_per_band: int = 8
-    seed: int = 1
-    jaccard_threshold: float | None = Field(None, description="If set, candidate pairs are confirmed by exact Jaccard of shingles (needs a second read).")
-    num_buckets: int = Field(8, description="Band buckets are hash-partitioned into this many files (the parallelism of the cluster phase).")
+    exact: bool = Field(True, description="Drop documents whose normalized text (lowercase, NFKC, no punctuation, collapsed whitespace) equals another's.")
+    near: bool = Field(True, description="Drop MinHash-LSH near duplicates (word n-gram shingles).")
+    ngram: int = Field(5, ge=1, description="Words per shingle; shorter documents are one shingle.")
+    num_bands: int = Field(14, ge=1)
+    rows_per_band: int = Field(8, ge=1, description="Signature values per band: num_bands * rows_per_band permutations.")
+    seed: int = Field(1, ge=0)
+    jaccard_threshold: float | None = Field(None, gt=0, le=1, description="If set, candidate pairs are confirmed by exact Jaccard of shingles (needs a second read).")
+    num_buckets: int = Field(8, ge=1, description="Band buckets are hash-partitioned into this many files (the parallelism of the cluster phase).")
+    verify_all_pairs_up_to: int = Field(64, ge=2, description="With jaccard_threshold: LSH groups up to this size verify every pair; larger ones the star from one member plus the chain of neighbours.")
 
 
 class TokenizerConfig(_Section):

@@ -388,6 +388,11 @@ class MinHasher:
         self._b = np.asarray(stream[self.num_perm:2 * self.num_perm], dtype=np.uint64)
         self._band_seed = np.asarray(stream[2 * self.num_perm:], dtype=np.uint64)
 
+    @property
+    def permutations(self) -> tuple[np.ndarray, np.ndarray]:
+        """The (a, b) constants of the ``num_perm`` hash functions (copies)."""
+        return self._a.copy(), self._b.copy()
+
     # -- batches ---------------------------------------------------------------------------------
     def _batches(self, texts: Sequence[str]):
         """Yield (start, encoded case-folded texts) in groups of about ``batch_bytes``."""

@@ -92,9 +92,23 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
+class ShardTaskError(RuntimeError):
+    """A shard failed. Unlike ``ShardFailed`` it pickles (task states cross process boundaries with
+    the process and Ray runners), and it carries the retry decision made where the cause was known."""
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message, transient)
+        self.message, self.transient = message, transient
+
+    def __str__(self) -> str:
+        return self.message
+
+
 def retry_if_transient(task_obj, task_run, state) -> bool:
     """Prefect ``retry_condition_fn``: retry a shard only on transient storage errors."""
     exc = state.data if isinstance(state.data, BaseException) else state.result(raise_on_failure=False)
+    if isinstance(exc, ShardTaskError):
+        return exc.transient
     return isinstance(exc, BaseException) and is_transient(exc)
 
 
@@ -125,7 +139,10 @@ def stage_objects(factory: str, prep: PrepConfig) -> dict[str, Stage]:
 @task(name="shard", cache_policy=NO_CACHE, persist_result=False, task_run_name="{stage}-{spec.shard_id}")
 def shard_task(stage: str, spec: ShardSpec, prep: PrepConfig, storage: Storage, factory: str = DEFAULT_FACTORY) -> dict[str, Any]:
     """Process one shard (outputs, then its manifest record); returns the record's counters."""
-    record = run_shard(stage_objects(factory, prep)[stage], storage, spec)
+    try:
+        record = run_shard(stage_objects(factory, prep)[stage], storage, spec)
+    except ShardFailed as exc:  # the failed record is written; report the cause, picklable
+        raise ShardTaskError(f"{type(exc.cause).__name__}: {exc.cause}", is_transient(exc)) from None
     return {"shard_id": spec.shard_id, "counts": record.counts, "wall_time_s": record.wall_time_s}
 
 
@@ -152,8 +169,8 @@ def _error_of(future) -> str:
             exc = future.result(raise_on_failure=False)
         except Exception as e:  # noqa: BLE001
             exc = e
-    if isinstance(exc, ShardFailed):
-        return f"{type(exc.cause).__name__}: {exc.cause}"
+    if isinstance(exc, ShardTaskError):
+        return exc.message
     if isinstance(exc, BaseException):
         return f"{type(exc).__name__}: {exc}"
     return state.message or state.name

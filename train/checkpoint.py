@@ -29,17 +29,20 @@ by DDP on 2 ranks loads on FSDP2 on 4, or in one process for evaluation.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import pickle
 import random
 import re
+import warnings
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 from torch.distributed.checkpoint.metadata import StorageMeta
 
 from shardflow.storage import Storage, digest_json
@@ -145,8 +148,16 @@ def _reader(storage: Storage, ref: str):
 
 
 def _no_dist() -> bool:
-    """DCP runs without collectives in a plain process (and says so with a warning unless told)."""
+    """DCP runs without collectives in a plain process (the supported single-process mode)."""
     return not (torch.distributed.is_available() and torch.distributed.is_initialized())
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns on every single-process save/load even when told ``no_dist``; that is our normal case."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"torch\.distributed is .*single process")
+        yield
 
 
 # -- RNG state as JSON --------------------------------------------------------------------------------
@@ -295,7 +306,8 @@ class Checkpointer:
             self.storage.remove(ref, recursive=True)  # leftovers of an uncommitted attempt
         self.env.barrier()
         msd, osd = get_state_dict(model, optimizer)
-        dcp.save({"model": msd, "optim": osd["state"]}, storage_writer=_writer(self.storage, ref), no_dist=_no_dist())
+        with _quiet_single_process():
+            dcp.save({"model": msd, "optim": osd["state"]}, storage_writer=_writer(self.storage, ref), no_dist=_no_dist())
         if rank_state is not None:
             self.storage.write_json(f"{ref}/rng-rank{self.env.rank}.json", rank_state)
         self.env.barrier()
@@ -342,7 +354,36 @@ class Checkpointer:
 
 def load_state(storage: Storage, ckpt_ref: str, model: nn.Module, optimizer: torch.optim.Optimizer | None,
                meta: dict[str, Any]) -> None:
-    """DCP-load model (+ optimizer) tensors from a step directory into live (possibly wrapped) objects."""
+    """DCP-load model (+ optimizer) tensors from a step directory into live (possibly wrapped) objects.
+
+    Any failure (missing or truncated files, shape mismatch, refused metadata) becomes a
+    :class:`CheckpointError` naming the checkpoint, with credentials scrubbed from the message.
+    """
+    try:
+        with _quiet_single_process():
+            _load_state(storage, ckpt_ref, model, optimizer, meta)
+    except CheckpointError:
+        raise
+    except (Exception, CheckpointException) as exc:  # noqa: BLE001 — all mean "this checkpoint won't load"
+        msg = _describe(exc)
+        for secret in storage.config.secrets():
+            msg = msg.replace(secret, "***")
+        raise CheckpointError(f"{storage.uri(ckpt_ref)}: cannot load checkpoint: {msg}") from None
+
+
+def _describe(exc: BaseException) -> str:
+    """One line per failing rank instead of DCP's remote tracebacks."""
+    if isinstance(exc, CheckpointException):
+        parts = []
+        for rank, failure in sorted(exc.failures.items()):
+            inner = failure[0] if isinstance(failure, tuple) else failure
+            parts.append(f"rank {rank}: {type(inner).__name__}: {inner}")
+        return "; ".join(parts) or str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _load_state(storage: Storage, ckpt_ref: str, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                meta: dict[str, Any]) -> None:
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
@@ -351,29 +392,22 @@ def load_state(storage: Storage, ckpt_ref: str, model: nn.Module, optimizer: tor
         set_state_dict,
     )
 
-    try:
-        if optimizer is None:
-            msd = get_model_state_dict(model)
-            dcp.load({"model": msd}, storage_reader=_reader(storage, ckpt_ref), no_dist=_no_dist())
-            set_model_state_dict(model, msd, options=StateDictOptions(strict=True))
-            return
-        msd, osd = get_state_dict(model, optimizer)  # materializes empty optimizer state to load into
-        state = osd["state"]
-        dcp.load({"model": msd, "optim": state}, storage_reader=_reader(storage, ckpt_ref), no_dist=_no_dist())
-        groups = []
-        for g in meta["optimizer_param_groups"]:
-            g = dict(g)
-            if "betas" in g:
-                g["betas"] = tuple(g["betas"])
-            groups.append(g)
-        set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict={"state": state, "param_groups": groups})
-    except CheckpointError:
-        raise
-    except Exception as exc:  # noqa: BLE001 — DCP raises many types; all mean "this checkpoint won't load"
-        msg = f"{type(exc).__name__}: {exc}"
-        for secret in storage.config.secrets():
-            msg = msg.replace(secret, "***")
-        raise CheckpointError(f"{storage.uri(ckpt_ref)}: cannot load checkpoint: {msg}") from None
+    reader = _reader(storage, ckpt_ref)
+    if optimizer is None:
+        msd = get_model_state_dict(model)
+        dcp.load({"model": msd}, storage_reader=reader, no_dist=_no_dist())
+        set_model_state_dict(model, msd, options=StateDictOptions(strict=True))
+        return
+    msd, osd = get_state_dict(model, optimizer)  # materializes empty optimizer state to load into
+    state = osd["state"]
+    dcp.load({"model": msd, "optim": state}, storage_reader=reader, no_dist=_no_dist())
+    groups = []
+    for g in meta["optimizer_param_groups"]:
+        g = dict(g)
+        if "betas" in g:
+            g["betas"] = tuple(g["betas"])
+        groups.append(g)
+    set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict={"state": state, "param_groups": groups})
 
 
 def resolve_checkpoint(storage: Storage, checkpoint: str | None = None, run: str | None = None) -> str:

@@ -139,8 +139,11 @@ def wrap_model(model: nn.Module, env: DistEnv, parallelism: Parallelism,
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         # Buffers (RoPE tables) are identical on every rank by construction: no per-step broadcast.
-        return DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-                   broadcast_buffers=False)
+        import inspect
+
+        no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                          else {"broadcast_buffers": False})
+        return DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None, **no_buffer_sync)
     if parallelism == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

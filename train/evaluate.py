@@ -87,7 +87,16 @@ def load_model(train_cfg: TrainConfig, storage: Storage, checkpoint: str | None,
     info = load_model_weights(model, storage, train_cfg, checkpoint)  # CheckpointError names the checkpoint
     meta = info.pop("meta", {})
     info["tokens"] = meta.get("tokens")
+    info["tokenizer_digest"] = (meta.get("data") or {}).get("tokenizer_digest")
     return model.to(device).eval(), info
+
+
+def check_checkpoint_tokenizer(info: dict[str, Any], tokenizer_digest: str, error: type[Exception] = RuntimeError) -> None:
+    """A model is only meaningful with the tokenizer it was trained with: refuse any other."""
+    trained = info.get("tokenizer_digest")
+    if trained and trained != tokenizer_digest:
+        raise error(f"{info['uri']} was trained on shards of tokenizer {trained}, but the dataset root's "
+                    f"tokenizer is {tokenizer_digest}; evaluate or export it against its own dataset root")
 
 
 # -- split settings --------------------------------------------------------------------------------------
@@ -324,12 +333,12 @@ def held_out_documents(storage: Storage, settings: dict[str, Any], limit: int, s
         for lineno, raw in iter_lines(storage, ref):
             try:
                 d = loads(raw)
-                doc_id, text = d["id"], d["text"]
+                doc_id, text, source = d["id"], d["text"], d.get("source")
             except Exception as exc:  # noqa: BLE001 - stage outputs are ours: a bad line is corruption
                 raise EvaluationError(f"{storage.uri(ref)}: line {lineno}: not a document record ({type(exc).__name__}: {exc})") from None
             doc_id = doc_id if isinstance(doc_id, str) else str(doc_id)
             if isinstance(text, str) and text.strip() and doc_split(doc_id, vf, ss) == "val":
-                docs.setdefault(doc_id, (doc_id, text, str(d.get("source") or "unknown")))
+                docs.setdefault(doc_id, (doc_id, text, str(source or "unknown")))
                 if len(docs) >= limit:
                     break
         if len(docs) >= limit:
@@ -390,6 +399,7 @@ def run_evaluation(train_cfg: TrainConfig, eval_cfg: EvalConfig, storage: Storag
     sp, tok_meta, tok_digest = load_tokenizer(storage)
     _check_data(train_cfg, storage, index, tok_meta, tok_digest)
     model, ck = load_model(train_cfg, storage, checkpoint or eval_cfg.checkpoint, device)
+    check_checkpoint_tokenizer(ck, tok_digest, EvaluationError)
     settings = split_settings(storage, eval_cfg)
     eos_id = int(index["eos_id"])
     bos_id = int(tok_meta.get("bos_id", -1))
@@ -432,6 +442,10 @@ def run_evaluation(train_cfg: TrainConfig, eval_cfg: EvalConfig, storage: Storag
             T.write_mc_task(storage, ref, gen)
             files.append(ref)
             task_refs.append((DEFAULT_TASK_NAME, ref))
+            if storage.protocol_of(ref) == "file":  # lm-eval's json loader reads local files
+                yref = f"{out_dir}/tasks/{DEFAULT_TASK_NAME}.yaml"
+                storage.write_text(yref, T.lm_eval_task_yaml(f"shardflow_{DEFAULT_TASK_NAME}", storage.uri(ref)))
+                files.append(yref)
     for ref in eval_cfg.tasks:
         name = T.task_name(ref)
         if any(name == n for n, _ in task_refs):

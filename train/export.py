@@ -275,9 +275,12 @@ def export_checkpoint(train_cfg: TrainConfig, storage: Storage, checkpoint: str 
     ``out_dir``: a URI (``s3://...``) or a local path (relative to the current directory, as a user
     typing ``--out DIR`` expects); None = ``runs/<run>/export/step-<n>`` under the dataset root.
     """
-    from .evaluate import load_model, model_config_digest
+    from shardflow.dataprep.tokenizer import load_tokenizer
+
+    from .evaluate import check_checkpoint_tokenizer, load_model, model_config_digest
 
     model, info = load_model(train_cfg, storage, checkpoint, torch.device("cpu"))
+    check_checkpoint_tokenizer(info, load_tokenizer(storage)[2], ExportError)
     if out_dir is None:
         out_dir = default_out_dir(train_cfg.run, info.get("step"))
     elif "://" not in out_dir:

@@ -46,8 +46,11 @@ def read_metrics(storage: Storage, ref: str) -> list[dict[str, Any]]:
     return out
 
 
-def _num(x: Any) -> float | None:
-    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
+def _num(x: Any) -> float | int | None:
+    """A finite number (ints stay ints), else None: records may hold NaN/"nan"/missing values."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    return x if isinstance(x, int) else (x if math.isfinite(x) else None)
 
 
 def loss_curves(records: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -122,6 +122,28 @@ def write_mc_task(storage: Storage, ref: str, examples: Iterable[MCExample]) -> 
     storage.write_text(ref, body)
 
 
+def lm_eval_task_yaml(name: str, data_file: str) -> str:
+    """An lm-evaluation-harness task config over a multiple-choice JSONL file, scored as we score it.
+
+    ``dataset_path: json`` is the ``datasets`` library's packaged JSON loader: nothing is fetched
+    from a hub. ``data_file`` must be a local path (or a URL ``datasets`` can open).
+    """
+    import yaml
+
+    return yaml.safe_dump({
+        "task": name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": data_file}},
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "doc_to_text": "{{context}}",
+        "doc_to_choice": "{{choices}}",
+        "doc_to_target": "label",
+        "target_delimiter": TARGET_DELIMITER,
+        "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("acc", "acc_norm")],
+    }, sort_keys=False)
+
+
 def task_name(ref: str) -> str:
     name = ref.rstrip("/").rsplit("/", 1)[-1]
     for suffix in (".gz", ".zst", ".jsonl", ".json"):
@@ -294,17 +316,20 @@ def evaluate_cloze(
     device: torch.device | str = "cpu",
 ) -> tuple[dict[str, float], list[dict]]:
     """Accuracy (greedy decoding reproduces every target token) and mean log-likelihood per example."""
-    reqs = []
+    reqs, kept = [], []
     for ex in examples:
         ctx, cont = split_continuation(encode, ex.context, ex.target)
-        reqs.append((list(prefix) + ctx, cont))
+        if 0 < len(cont) < max_len:  # a target longer than the model's window cannot be scored
+            reqs.append((list(prefix) + ctx, cont))
+            kept.append(ex)
     scores = score_requests(forward, reqs, batch_size, max_len, device)
     rows = [{"id": ex.id, "source": ex.source, "target": ex.target, "logprob": s.logprob, "tokens": s.n_tokens,
-             "correct": s.greedy} for ex, s in zip(examples, scores)]
+             "correct": s.greedy} for ex, s in zip(kept, scores)]
     n = len(scores)
     tokens = sum(s.n_tokens for s in scores)
     metrics = {
         "n": n,
+        "skipped": len(examples) - n,
         "acc": sum(s.greedy for s in scores) / n if n else math.nan,
         "mean_logprob": sum(s.logprob for s in scores) / n if n else math.nan,
         "mean_token_logprob": sum(s.logprob for s in scores) / tokens if tokens else math.nan,
@@ -323,16 +348,17 @@ def evaluate_mc(
 ) -> tuple[dict[str, float], list[dict]]:
     """``acc``: argmax of summed log-prob; ``acc_norm``: argmax of log-prob per byte of the choice
     (lm-eval's normalization, so the figures compare); ``acc_token_norm``: per token."""
-    reqs, spans = [], []
+    reqs, spans, kept = [], [], []
     for ex in examples:
-        start = len(reqs)
-        for choice in ex.choices:
-            ctx, cont = split_continuation(encode, ex.context, mc_continuation(ex.context, choice))
-            reqs.append((list(prefix) + ctx, cont))
-        spans.append((start, len(reqs)))
+        pairs = [split_continuation(encode, ex.context, mc_continuation(ex.context, c)) for c in ex.choices]
+        if not all(0 < len(cont) < max_len for _, cont in pairs):
+            continue  # a choice longer than the model's window cannot be scored: skip the example
+        spans.append((len(reqs), len(reqs) + len(pairs)))
+        reqs += [(list(prefix) + ctx, cont) for ctx, cont in pairs]
+        kept.append(ex)
     scores = score_requests(forward, reqs, batch_size, max_len, device)
     rows, hits = [], {"acc": 0, "acc_norm": 0, "acc_token_norm": 0}
-    for ex, (a, b) in zip(examples, spans):
+    for ex, (a, b) in zip(kept, spans):
         s = scores[a:b]
         lp = [x.logprob for x in s]
         per_byte = [x.logprob / max(1, len(mc_continuation(ex.context, c).encode("utf-8"))) for x, c in zip(s, ex.choices)]
@@ -341,9 +367,9 @@ def evaluate_mc(
         for k, p in picks.items():
             hits[k] += p == ex.label
         rows.append({"id": ex.id, "label": ex.label, "pred": picks["acc"], "pred_norm": picks["acc_norm"], "logprobs": lp})
-    n = len(examples)
-    metrics = {"n": n, **{k: (v / n if n else math.nan) for k, v in hits.items()},
-               "chance": (sum(1 / len(ex.choices) for ex in examples) / n) if n else math.nan}
+    n = len(kept)
+    metrics = {"n": n, "skipped": len(examples) - n, **{k: (v / n if n else math.nan) for k, v in hits.items()},
+               "chance": (sum(1 / len(ex.choices) for ex in kept) / n) if n else math.nan}
     return metrics, rows
 
 

@@ -27,7 +27,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -124,21 +124,84 @@ def _deterministic(enabled: bool, device: torch.device):
 
 
 class _Batches:
-    """Endless iteration over a loader whose iterator may end at each epoch boundary."""
+    """Endless iteration over a loader, kept off the training RNG stream.
+
+    ``iter(DataLoader)`` draws a base seed from the global torch generator. A resumed run starts
+    its iterator at another step than the uninterrupted run did, so that draw would shift every
+    random number after it (router jitter, dropout); the generator state is therefore put back
+    after every call into the loader. The loader's own order is seeded independently.
+    """
 
     def __init__(self, loader: Any):
         self.loader = loader
         self._it: Iterator | None = None
 
     def next(self) -> torch.Tensor:
-        for _ in range(2):
-            if self._it is None:
-                self._it = iter(self.loader)
-            try:
-                return next(self._it)
-            except StopIteration:
-                self._it = None
-        raise TrainingDataError("the training loader yields no batches (fewer samples than ranks x batch_size?)")
+        saved = torch.get_rng_state()
+        try:
+            for _ in range(2):
+                if self._it is None:
+                    self._it = iter(self.loader)
+                try:
+                    return next(self._it)
+                except StopIteration:  # a loader that ends at each epoch: start the next one
+                    self._it = None
+            raise TrainingDataError("the training loader yields no batches (fewer samples than ranks x batch_size?)")
+        finally:
+            torch.set_rng_state(saved)
+
+    def close(self) -> None:
+        it, self._it = self._it, None
+        if it is not None and hasattr(it, "close"):
+            it.close()
+
+
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, micro_batches: Sequence[torch.Tensor], *,
+                   env: DistEnv, grad_clip: float, autocast: torch.dtype | None) -> dict[str, Any]:
+    """One clipped AdamW update from ``len(micro_batches)`` accumulated micro-batches ``(B, L+1)``.
+
+    The loss is the model's total (CE + aux + z), averaged over micro-batches; gradients are
+    reduced across ranks once, on the last micro-batch. Returns metrics already reduced over
+    ranks (mean CE/aux/z, global grad norm, summed expert counts and drops, tokens of the step on
+    all ranks). A non-finite loss or norm raises before the update is applied, identically on
+    every rank (the values are global). Shared by the trainer and bench/train_gpu.py.
+    """
+    device = next(iter(model.parameters())).device
+    ga = len(micro_batches)
+    model.train()
+    stats = torch.zeros(4, dtype=torch.float64, device=device)  # ce, aux, z, dropped
+    counts = None
+    tokens = 0
+    for i, batch in enumerate(micro_batches):
+        batch = batch.to(device, non_blocking=True)
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        tokens += targets.numel()
+        cast = torch.autocast(device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
+        with set_grad_sync(model, i == ga - 1), cast:
+            out = model(inputs, targets, return_logits=False)
+            (out.total_loss / ga).backward()
+        stats += torch.stack([out.loss.detach(), out.aux_loss.detach(), out.z_loss.detach(),
+                              out.dropped_tokens.detach()]).to(torch.float64)
+        c = out.expert_counts.detach()
+        counts = c if counts is None else counts + c
+    max_norm = grad_clip if grad_clip > 0 else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor holding the global norm
+        grad_norm = grad_norm.full_tensor()
+    stats[:3] /= ga
+    env.all_reduce_sum(stats)
+    env.all_reduce_sum(counts)
+    stats[:3] /= env.world_size
+    ce, aux, z, dropped = stats.tolist()
+    gn = float(grad_norm)
+    if not (math.isfinite(ce) and math.isfinite(gn)):
+        optimizer.zero_grad(set_to_none=True)
+        raise FloatingPointError(f"non-finite loss ({ce}) or gradient norm ({gn}); the update was not applied. "
+                                 "Lower optim.lr or raise warmup, then resume from the last checkpoint.")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return {"loss": ce, "aux_loss": aux, "z_loss": z, "grad_norm": gn,
+            "expert_tokens": counts.tolist(), "dropped_tokens": int(dropped), "tokens_step": tokens * env.world_size}
 
 
 class Trainer:
@@ -201,7 +264,10 @@ class Trainer:
         if saved_tok != self.index["tokenizer_digest"]:
             raise CheckpointError(f"{where}: trained on shards of tokenizer {saved_tok}, but the shards now come "
                                   f"from tokenizer {self.index['tokenizer_digest']}; start a new run")
-        self.loader.load_state_dict(meta["loader"])
+        try:
+            self.loader.load_state_dict(meta["loader"])
+        except (KeyError, ValueError) as exc:
+            raise CheckpointError(f"{where}: its data position does not fit these shards/loader settings: {exc}") from None
         if rng is not None:
             restore_rng(rng)
         else:  # another world size: per-rank streams cannot be carried over, start fresh ones
@@ -225,64 +291,29 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.autocast)
 
     def train_step(self, batches: _Batches) -> dict[str, Any]:
-        """``grad_accum`` micro-batches → one clipped AdamW update; metrics reduced over ranks."""
-        tc, ga = self.cfg.trainer, self.cfg.trainer.grad_accum
-        self.model.train()
-        stats = torch.zeros(4, dtype=torch.float64, device=self.device)  # ce, aux, z, dropped
-        counts = None
-        tokens = 0
-        for micro in range(ga):
-            batch = batches.next().to(self.device, non_blocking=True)
-            inputs, targets = batch[:, :-1], batch[:, 1:]
-            tokens += targets.numel()
-            with set_grad_sync(self.model, micro == ga - 1), self._autocast():
-                out = self.model(inputs, targets, return_logits=False)
-                (out.total_loss / ga).backward()
-            stats += torch.stack([out.loss.detach(), out.aux_loss.detach(), out.z_loss.detach(),
-                                  out.dropped_tokens.detach()]).to(torch.float64)
-            c = out.expert_counts.detach()
-            counts = c if counts is None else counts + c
-        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor holding the global norm
-            grad_norm = grad_norm.full_tensor()
-        stats[:3] /= ga
-        self.env.all_reduce_sum(stats)
-        self.env.all_reduce_sum(counts)
-        stats[:3] /= self.env.world_size
-        ce, aux, z, dropped = stats.tolist()
-        gn = float(grad_norm)
-        if not (math.isfinite(ce) and math.isfinite(gn)):
-            raise FloatingPointError(f"non-finite loss ({ce}) or gradient norm ({gn}); the update was not applied. "
-                                     "Lower optim.lr or raise warmup, then resume from the last checkpoint.")
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": ce, "aux_loss": aux, "z_loss": z, "grad_norm": gn,
-                "expert_tokens": counts.tolist(), "dropped_tokens": int(dropped),
-                "tokens_step": tokens * self.env.world_size}
+        micro = [batches.next() for _ in range(self.cfg.trainer.grad_accum)]
+        return optimizer_step(self.model, self.optimizer, micro, env=self.env, grad_clip=self.cfg.optim.grad_clip,
+                              autocast=self.autocast)
 
     @torch.no_grad()
     def evaluate(self, n_batches: int) -> float:
         """Mean CE over the first ``n_batches`` batches of every rank's val stream (same batches each time)."""
         rng = capture_rng()
-        loader = self._build_loader(self.cfg.data, self.storage, self.env.rank, self.env.world_size, split="val")
+        loader = self._build_loader(self.cfg.data, self.storage, self.env.rank, self.env.world_size, split="val", epochs=1)
         self.model.eval()
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        it = iter(loader)
         try:
-            for i, batch in enumerate(loader):
-                if i >= n_batches:
-                    break
+            for _, batch in zip(range(n_batches), it):
                 batch = batch.to(self.device, non_blocking=True)
                 with self._autocast():
                     out = self.model(batch[:, :-1], batch[:, 1:], return_logits=False)
                 n = batch[:, 1:].numel()
                 total += torch.stack([out.loss.double() * n, torch.tensor(float(n), dtype=torch.float64, device=self.device)])
         finally:
+            it.close()
             self.model.train()
             restore_rng(rng)
-            close = getattr(loader, "close", None)
-            if callable(close):
-                close()
         self.env.all_reduce_sum(total)
         return float(total[0] / total[1]) if total[1] > 0 else float("nan")
 
@@ -321,11 +352,9 @@ class Trainer:
                 elif self.env.is_main and step % max(1, tc.log_every) == 0:
                     self.metrics.flush()
         finally:
+            batches.close()
             progress.close()
             self.metrics.close()
-            close = getattr(self.loader, "close", None)
-            if callable(close):
-                close()
         return {
             "run": self.cfg.run,
             "start_step": start,

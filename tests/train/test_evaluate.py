@@ -37,6 +37,8 @@ from shardflow.train.evaluate import (
 )
 from shardflow.train.model import MoETransformer
 
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+
 RUN = "evalrun"
 SEQ_LEN = 48
 VAL_FRACTION = 0.25
@@ -142,7 +144,7 @@ def root_copy(eval_root, tmp_path) -> Storage:
 
 def small_eval(**kw) -> EvalConfig:
     base = dict(max_val_batches=4, batch_size=8, held_out_docs=120, max_source_batches=2, cloze_examples=24,
-                mc_examples=12, device="cpu")
+                mc_examples=12, mc_continuation_words=5, cloze_min_context_words=8, device="cpu")
     return EvalConfig(**(base | kw))
 
 
@@ -451,6 +453,21 @@ def test_checkpoint_of_another_model_config_is_a_clear_error(root_copy):
         run_evaluation(other, small_eval(), storage)
 
 
+def test_checkpoint_trained_with_another_tokenizer_is_refused(root_copy):
+    storage = root_copy
+    ref = f"runs/{RUN}/checkpoints/step-8/meta.json"
+    meta = storage.read_json(ref)
+    meta["data"]["tokenizer_digest"] = "sha256:" + "0" * 64
+    storage.write_json(ref, meta)
+    with pytest.raises(EvaluationError, match=r"step-8 was trained on shards of tokenizer sha256:0000"):
+        run_evaluation(tcfg(storage), small_eval(), storage)
+    from shardflow.train.export import ExportError, export_checkpoint
+
+    with pytest.raises(ExportError, match="trained on shards of tokenizer"):
+        export_checkpoint(tcfg(storage), storage, out_dir=storage.uri("x"))
+    assert not storage.exists("x")
+
+
 def test_missing_validation_split_is_a_clear_error(root_copy):
     storage = root_copy
     index = storage.read_json("shards/index.json")
@@ -460,3 +477,19 @@ def test_missing_validation_split_is_a_clear_error(root_copy):
     write_index(storage, index)
     with pytest.raises(EvaluationError, match="no validation rows"):
         run_evaluation(tcfg(storage), small_eval(), storage)
+
+
+# -- object storage ------------------------------------------------------------------------------------------
+
+@pytest.mark.s3
+def test_evaluation_on_an_s3_root(eval_root, s3_storage):
+    """Checkpoint, shards, documents and tokenizer read from S3; results and report written there."""
+    fs, path = s3_storage.resolve("")
+    fs.put(eval_root.rstrip("/") + "/", path, recursive=True)
+    out = run_evaluation(tcfg(s3_storage), small_eval(max_val_batches=2, cloze_examples=8, mc_examples=4), s3_storage)
+    res = out["results"]
+    assert res["checkpoint"]["uri"].startswith("s3://") and res["checkpoint"]["step"] == 8
+    assert s3_storage.read_json(f"runs/{RUN}/eval/results.json")["metrics"] == res["metrics"]
+    assert s3_storage.read_bytes(f"runs/{RUN}/eval/expert_load.png")[:4] == b"\x89PNG"
+    assert set(res["per_source"]) == {"licenses", "copyright"}
+    assert not s3_storage.exists(f"runs/{RUN}/eval/tasks/heldout_continuation.yaml")  # lm-eval reads local files only

@@ -1,0 +1,191 @@
+"""Prefect flows of training and evaluation.
+
+``train``: runs the trainer for the configured run: in this process when one process trains
+(``train.trainer.train``), else through ``torchrun`` (``python -m torch.distributed.run … -m
+shardflow.train --config-json FILE``). The launch file holds the resolved ``train`` and ``storage``
+sections, credentials included, so it is a fresh 0600 file in a private 0700 directory, deleted when
+torchrun exits; the command is an argv list (no shell ever sees a user string). Rank 0 prints the
+run summary as the last stdout line; everything else is streamed into the flow's log.
+
+``evaluate``: ``train.evaluate.run_evaluation`` on a checkpoint (default: the run's latest), its
+report and tables published as artifacts. It runs after training in two ways: the pipeline flow
+calls it as a subflow when training completes, and the served ``evaluate`` deployment has an event
+trigger on the ``train`` deployment's ``prefect.flow-run.Completed`` (see flows/deploy.py).
+
+Training holds the dataset root's lock (as data preparation does), so a prep run cannot rewrite the
+shards under a running trainer.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import shutil
+import subprocess
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from shardflow.flows import artifacts
+from shardflow.flows.config import PipelineConfig
+from shardflow.flows.prep_flows import flow_outcome, resolve_config
+from shardflow.flows.runners import prefect_api
+from shardflow.storage.lock import RootLock
+
+
+class TrainingFailed(RuntimeError):
+    """torchrun (or the in-process trainer) failed; the message holds the exit status and the last output."""
+
+
+def resolve_nproc(nproc: int) -> int:
+    """``nproc`` processes; 0 = one per visible GPU (at least one)."""
+    if nproc > 0:
+        return nproc
+    try:
+        import torch
+
+        return max(torch.cuda.device_count(), 1)
+    except Exception:  # noqa: BLE001
+        return 1
+
+
+def torchrun_argv(config_json: str, nproc: int, extra_args: list[str] | None = None) -> list[str]:
+    from shardflow.train.__main__ import torchrun_command
+
+    if not extra_args:
+        return torchrun_command(config_json, nproc)
+    import sys
+
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *extra_args,
+            "-m", "shardflow.train", "--config-json", config_json]
+
+
+def launch_torchrun(cfg: PipelineConfig, nproc: int, logger=None, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run training under torchrun; returns rank 0's summary (its last stdout line)."""
+    from shardflow.train.__main__ import write_launch_config
+
+    config_json = write_launch_config(cfg.train, cfg.storage)
+    tail: collections.deque[str] = collections.deque(maxlen=60)
+    argv = torchrun_argv(config_json, nproc, cfg.flows.torchrun_args)
+    if logger is not None:
+        logger.info("launching: %s", " ".join(argv))
+    proc = None
+    try:
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                env={**os.environ, **(env or {})})
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            tail.append(line)
+            if logger is not None and line:
+                logger.info("%s", line)
+        rc = proc.wait()
+    finally:
+        if proc is not None and proc.poll() is None:  # interrupted: do not leave ranks behind
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        shutil.rmtree(os.path.dirname(config_json), ignore_errors=True)
+    if rc != 0:
+        raise TrainingFailed(f"torchrun exited with status {rc}; last output:\n" + "\n".join(list(tail)[-25:]))
+    for line in reversed(tail):
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except ValueError:
+                continue
+    raise TrainingFailed("torchrun finished but rank 0 printed no summary line; last output:\n" + "\n".join(list(tail)[-25:]))
+
+
+@task(name="train", cache_policy=NO_CACHE, persist_result=False)
+def train_task(cfg: PipelineConfig, nproc: int = 1) -> dict[str, Any]:
+    """Train run ``cfg.train.run`` (resuming from its latest checkpoint if there is one)."""
+    logger = get_run_logger()
+    nproc = resolve_nproc(nproc)
+    launcher = cfg.flows.train_launcher
+    if launcher == "auto":
+        launcher = "inprocess" if nproc == 1 and not cfg.flows.torchrun_args else "torchrun"
+    if launcher == "inprocess" and nproc != 1:
+        raise ValueError(f"flows.train_launcher=inprocess runs one process, but nproc={nproc}")
+    logger.info("training run %r on %s: %s, %d process(es)", cfg.train.run, cfg.storage.root, launcher, nproc)
+    if launcher == "inprocess":
+        from shardflow.train.trainer import train
+
+        return dict(train(cfg.train, cfg.storage_handle()))
+    return launch_torchrun(cfg, nproc, logger)
+
+
+def _train_markdown(run: str, summary: dict[str, Any]) -> str:
+    lines = [f"# Training run `{run}`", "", "| | |", "|---|---|"]
+    for key in ("step", "steps", "loss", "val_loss", "tokens", "world_size", "params", "active_params", "wall_time_s",
+                "checkpoint"):
+        if summary.get(key) is not None:
+            value = summary[key]
+            lines.append(f"| {key} | {round(value, 4) if isinstance(value, float) else value} |")
+    return "\n".join(lines) + "\n"
+
+
+@flow(name="train", log_prints=True)
+def train_flow(config: PipelineConfig | None = None, config_path: str | None = None, overrides: list[str] | None = None,
+               nproc: int = 1, evaluate: bool = False) -> dict[str, Any]:
+    """Train (or resume) the configured run; with ``evaluate``, run the evaluation flow after it."""
+    cfg = resolve_config(config, config_path, overrides)
+    storage = cfg.storage_handle()
+    with RootLock(storage, purpose=f"shardflow train {cfg.train.run}", wait_s=cfg.flows.lock_wait_s):
+        summary = train_task(cfg, nproc)
+    artifacts.publish_markdown(f"train-{cfg.train.run}", _train_markdown(cfg.train.run, summary),
+                               f"Training run {cfg.train.run}")
+    out = {"ok": True, "train": summary}
+    if evaluate:
+        out["eval"] = eval_flow(config=cfg)
+    return out
+
+
+@flow(name="evaluate", log_prints=True)
+def eval_flow(config: PipelineConfig | None = None, config_path: str | None = None, overrides: list[str] | None = None,
+              checkpoint: str | None = None) -> dict[str, Any]:
+    """Evaluate a checkpoint (default: the configured one, else the run's latest) and publish the report."""
+    cfg = resolve_config(config, config_path, overrides)
+    logger = get_run_logger()
+    if not cfg.eval.enabled:
+        logger.info("evaluation disabled (eval.enabled=false)")
+        return {"ok": True, "skipped": True}
+    from shardflow.train.evaluate import run_evaluation
+
+    result = run_evaluation(cfg.train, cfg.eval, cfg.storage_handle(), checkpoint or cfg.eval.checkpoint)
+    artifacts.publish_eval(result, cfg.train.run)
+    logger.info("evaluation of run %r: %s", cfg.train.run, json.dumps(result.get("results", {}), default=str)[:2000])
+    return {"ok": True, "results": result.get("results", {}), "files": list(result.get("files", []))}
+
+
+def run_train(cfg: PipelineConfig, nproc: int = 1, evaluate: bool = True) -> dict[str, Any]:
+    """``shardflow train``: the train flow (then evaluation unless ``evaluate`` is false)."""
+    with prefect_api():
+        out = flow_outcome(train_flow(config=cfg, nproc=nproc, evaluate=evaluate, return_state=True))
+    _print(out)
+    return out
+
+
+def run_eval(cfg: PipelineConfig, checkpoint: str | None = None) -> dict[str, Any]:
+    """``shardflow eval``: the evaluation flow on ``checkpoint`` (default: the run's latest)."""
+    with prefect_api():
+        out = flow_outcome(eval_flow(config=cfg, checkpoint=checkpoint, return_state=True))
+    _print(out)
+    return out
+
+
+def _print(out: dict[str, Any]) -> None:
+    import sys
+
+    if not out.get("ok"):
+        print(f"error: {out.get('error')}", file=sys.stderr)
+        return
+    summary = out.get("train")
+    if summary:
+        print("train: " + ", ".join(f"{k}={summary[k]}" for k in ("run", "step", "loss", "val_loss", "checkpoint") if k in summary))
+    results = (out.get("eval") or out).get("results")
+    if results:
+        print("eval: " + json.dumps(results, default=str)[:2000])

@@ -1,0 +1,1215 @@
+"""Streaming, exactly resumable loader over WebDataset token shards on any storage.
+
+Why the order is a function of the *global position* and nothing else: a checkpoint must resume on
+another world size or worker count, so neither may enter the order. The stream is one infinite
+sequence of samples: position ``P`` goes (through the mixing schedule) to dataset ``d`` and to the
+``q``-th sample of that dataset's own stream; ``q`` splits into an epoch ``e = q // N_d`` and a place
+``p`` in that epoch's permutation. An epoch's permutation is cheap to reach anywhere: the members
+(tar blocks of ~1 MiB) are permuted with a generator seeded by (seed, dataset, epoch), then the rows
+of each window of ``shuffle_window`` consecutive members are permuted (seeded also by the window).
+Locating ``p`` is a ``searchsorted`` on the cumulative row counts plus one window permutation, and
+index.json gives the byte offset of every row, so a resumed loader reads only rows that it will
+deliver -- never anything before its position.
+
+Why ranks take contiguous B-sized chunks: with the stream cut into chunks of ``batch_size`` samples
+(counted from the position the iteration started at), rank ``r`` of ``w`` takes chunks
+``r, r + w, r + 2w, ...`` and DataLoader worker ``i`` of ``n`` takes every ``n``-th of the rank's
+chunks, which the DataLoader's in-order round robin reassembles. One optimizer step therefore
+consumes exactly ``batch_size * world_size`` consecutive samples, the state is a single number, and
+every rank gets the same number of batches whatever the number of shards. The stream wraps into the
+next epoch (with a new permutation) instead of truncating, so no sample is skipped and none is
+repeated within an epoch; a finite loader (``epochs=k``) stops at the last whole step before
+``k * samples_per_epoch`` so that ranks still agree.
+
+Why mixing is a fixed periodic schedule: weights are turned into integer quotas per period and the
+period is laid out by smooth weighted round robin, so dataset and per-dataset index of any position
+are O(1) (``period * quota + prefix count``), proportions are exact at every period boundary, and the
+resume state stays the global position alone.
+
+Why the reads look like this: a worker opens a window when its first batch needs it, computes which
+rows of the window it will deliver (the others belong to other ranks/workers or lie before the
+start), and fetches them per member with byte-range reads, merging reads separated by less than
+``coalesce_gap_bytes`` (a range GET costs far more than a few KiB on object stores). Each fetch also
+reads the member's 512-byte tar header and its .npy header and checks both against the index, so a
+stale index, a shifted offset, a foreign member name or a pickled array is an error naming the shard
+and the member, not garbage tokens. A small thread fetches the next windows ahead (bounded by
+``prefetch_members``) while batches are assembled, so the trainer finds them ready.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import functools
+import io
+import os
+import pickle
+import posixpath
+import queue
+import tarfile
+import threading
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from shardflow.storage import Storage
+from shardflow.storage.shards import INDEX_REF, SHARDS_DIR, make_index, read_index, shard_ref, validate_index, validate_member_name
+from shardflow.storage.store import StorageError, digest_json
+
+from .config import LoaderConfig
+
+ORDER_VERSION = 1
+"""Bump when the mapping from (seed, index, position) to samples changes: old states are refused."""
+
+STATE_VERSION = 1
+TAR_BLOCK = 512
+MIX_PERIOD = 4096
+"""Period of the mixing schedule when weights are not small integers (proportions exact to 1/4096)."""
+NO_DIGEST = "sha256:unknown"
+_TOKEN_EXT = "tokens.npy"
+_ALLOWED_EXT = {"tokens.npy", "docs.npy", "meta.json"}
+_MAX_PENDING_EVENTS = 1024
+GROUP_TOKENS = int(os.environ.get('SF_GT', 1 << 18))
+MAX_GROUP = 64
+"""Default size of a group of batches assembled and handed over together (see ShardDataset):
+about GROUP_TOKENS tokens, at most MAX_GROUP batches (short rows must not make the first batch wait)."""
+
+
+class ShardDataError(RuntimeError):
+    """A shard does not match its index (missing, truncated, corrupt, foreign member); names it."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Datasets: one index split, flattened into member arrays
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Source:
+    """One (dataset root, split) as flat arrays over its members, in index order."""
+
+    slot: int
+    storage: Storage
+    split: str
+    index: dict[str, Any]
+    shard_refs: list[str]
+    shard_names: list[str]
+    shard_bytes: list[int]
+    shard_sha: list[str]
+    m_shard: np.ndarray
+    m_offset: np.ndarray
+    m_header: np.ndarray
+    m_rows: np.ndarray
+    m_key: list[str]
+    samples: int
+    seq_len: int
+    dtype: np.dtype
+    content_digest: str
+
+    @property
+    def row_len(self) -> int:
+        return self.seq_len + 1
+
+    @property
+    def row_bytes(self) -> int:
+        return self.row_len * self.dtype.itemsize
+
+    def shard_uri(self, s: int) -> str:
+        return self.storage.uri(self.shard_refs[s])
+
+    @classmethod
+    def load(cls, storage: Storage, split: str, slot: int, index: dict[str, Any] | None = None) -> "_Source":
+        if index is None:
+            index = read_index(storage)
+        else:
+            validate_index(index, storage.uri(INDEX_REF))
+        where = storage.uri(INDEX_REF)
+        sp = index["splits"].get(split)
+        if sp is None:
+            raise ValueError(f"{where}: no split {split!r} (has {sorted(index['splits'])})")
+        if not sp["shards"] or sp["samples"] == 0:
+            raise ValueError(f"{where}: split {split!r} has no samples")
+        refs, names, sizes, shas = [], [], [], []
+        m_shard, m_offset, m_header, m_rows, m_key = [], [], [], [], []
+        for s, entry in enumerate(sp["shards"]):
+            names.append(entry["name"])
+            refs.append(_entry_ref(entry))
+            sizes.append(entry["bytes"])
+            shas.append(entry["sha256"])
+            for m in entry["members"]:
+                if m["offset"] < TAR_BLOCK:
+                    raise ValueError(f"{where}: shard {entry['name']!r} member {m['key']}: offset {m['offset']} leaves no room for its tar header")
+                m_shard.append(s)
+                m_offset.append(m["offset"])
+                m_header.append(m["npy_header"])
+                m_rows.append(m["rows"])
+                m_key.append(m["key"])
+        content = digest_json([split, index["seq_len"], index["dtype"],
+                               [[e["name"], e["bytes"], e["sha256"], e["samples"]] for e in sp["shards"]]])
+        return cls(slot=slot, storage=storage, split=split, index=index, shard_refs=refs, shard_names=names,
+                   shard_bytes=sizes, shard_sha=shas, m_shard=np.asarray(m_shard, np.int64),
+                   m_offset=np.asarray(m_offset, np.int64), m_header=np.asarray(m_header, np.int64),
+                   m_rows=np.asarray(m_rows, np.int64), m_key=m_key, samples=int(sp["samples"]),
+                   seq_len=int(index["seq_len"]), dtype=np.dtype(index["dtype"]), content_digest=content)
+
+
+def _entry_ref(entry: dict[str, Any]) -> str:
+    """Where a shard lives: ``shards/<name>``, or the absolute ``uri`` that build_index recorded for
+    tars kept outside the root (restricted to .tar objects: the index may come from elsewhere)."""
+    uri = entry.get("uri")
+    if uri is None:
+        return shard_ref(entry["name"])
+    if not isinstance(uri, str) or not uri.endswith(".tar") or ("://" not in uri and not os.path.isabs(uri)):
+        raise ValueError(f"shard {entry.get('name')!r}: 'uri' must be an absolute URI of a .tar, got {uri!r}")
+    return uri
+
+
+# ---------------------------------------------------------------------------------------------------
+# Order: epoch permutation of one dataset, and the mixing schedule
+# ---------------------------------------------------------------------------------------------------
+
+class _EpochOrder:
+    """Epoch ``epoch`` of one dataset: members permuted, rows permuted within windows of members."""
+
+    def __init__(self, rows: np.ndarray, seed: int, slot: int, epoch: int, shuffle: bool, window: int):
+        n = len(rows)
+        self.key = (seed, slot, epoch)
+        self.shuffle = shuffle
+        self.window = window
+        self.perm = np.random.default_rng([seed, slot, epoch, 0]).permutation(n) if shuffle else np.arange(n)
+        self.cum = np.zeros(n + 1, np.int64)
+        np.cumsum(rows[self.perm], out=self.cum[1:])
+        self.bounds = self.cum[np.r_[np.arange(0, n, window), n]]
+        self._wperm: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
+
+    def window_of(self, p: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.bounds, p, side="right") - 1
+
+    def window_range(self, w: int) -> tuple[int, int]:
+        return int(self.bounds[w]), int(self.bounds[w + 1])
+
+    def _window_perm(self, w: int) -> np.ndarray:
+        perm = self._wperm.get(w)
+        if perm is None:
+            lo, hi = self.window_range(w)
+            seed, slot, epoch = self.key
+            perm = np.random.default_rng([seed, slot, epoch, 1 + w]).permutation(hi - lo)
+            self._wperm[w] = perm
+            if len(self._wperm) > 4:
+                self._wperm.popitem(last=False)
+        return perm
+
+    def locate(self, w: int, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(member, row) of epoch places ``p``, all inside window ``w``."""
+        lo = self.bounds[w]
+        o = p - lo
+        if self.shuffle:
+            o = self._window_perm(w)[o]
+        m0 = w * self.window
+        m1 = min(m0 + self.window, len(self.perm))
+        local = self.cum[m0 : m1 + 1] - self.cum[m0]
+        j = np.searchsorted(local, o, side="right") - 1
+        return self.perm[m0 + j], o - local[j]
+
+
+class _MixSchedule:
+    """Which dataset, and which sample of it, each global position holds (O(1) both ways)."""
+
+    def __init__(self, weights: list[float]):
+        w = np.asarray(weights, dtype=np.float64)
+        if w.ndim != 1 or not len(w) or not np.all(np.isfinite(w)) or np.any(w <= 0):
+            raise ValueError(f"dataset weights must be positive numbers, got {weights}")
+        if np.all(w == np.round(w)) and w.sum() <= MIX_PERIOD:
+            q = w.astype(np.int64)
+            q //= np.gcd.reduce(q)
+        else:
+            ideal = w / w.sum() * MIX_PERIOD
+            q = np.floor(ideal).astype(np.int64)
+            rest = MIX_PERIOD - int(q.sum())
+            q[np.argsort(-(ideal - q), kind="stable")[:rest]] += 1
+            while np.any(q == 0):  # a tiny weight still gets one slot per period
+                q[np.argmax(q)] -= 1
+                q[np.argmin(q)] += 1
+        self.quota = q
+        self.period = int(q.sum())
+        quota = q.tolist()
+        cur = [0] * len(quota)
+        sched = []
+        for _ in range(self.period):  # smooth weighted round robin: each dataset spread evenly
+            cur = [c + qd for c, qd in zip(cur, quota)]
+            d = cur.index(max(cur))
+            sched.append(d)
+            cur[d] -= self.period
+        self.sched = np.asarray(sched, np.int64)
+        sched = self.sched
+        self.prefix = np.zeros((len(q), self.period + 1), np.int64)
+        for d in range(len(q)):
+            np.cumsum(sched == d, out=self.prefix[d, 1:])
+        self.occ = [np.flatnonzero(sched == d) for d in range(len(q))]
+
+    def split(self, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        per, k = np.divmod(pos, self.period)
+        d = self.sched[k]
+        return d, per * self.quota[d] + self.prefix[d, k]
+
+    def positions(self, d: int, q: np.ndarray) -> np.ndarray:
+        per, j = np.divmod(q, self.quota[d])
+        return per * self.period + self.occ[d][j]
+
+    def consumed(self, d: int, pos: int) -> int:
+        """Samples of dataset ``d`` among the first ``pos`` global positions."""
+        per, k = divmod(pos, self.period)
+        return per * int(self.quota[d]) + int(self.prefix[d, k])
+
+
+# ---------------------------------------------------------------------------------------------------
+# The per-worker plan: windows to open, batches to assemble, windows to drop
+# ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Unit:
+    """Rows of one member that this worker needs from one window, and where they go in its buffer."""
+
+    src: int
+    member: int
+    rows: np.ndarray
+    slot0: int
+
+
+@dataclass
+class _Window:
+    key: tuple[int, int, int]
+    q0: int
+    slot_of: np.ndarray
+    units: list[_Unit]
+    n_rows: int
+    buf: np.ndarray | None = None
+    futures: list[Future] | None = None
+    ready: bool = False
+
+
+@dataclass
+class _Batch:
+    """A group of ``n`` batches: for each window, which rows of the group come from which slots."""
+
+    parts: list[tuple[tuple[int, int, int], np.ndarray | slice, np.ndarray]]
+    n: int
+
+
+@dataclass
+class _Drop:
+    key: tuple[int, int, int]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading members
+# ---------------------------------------------------------------------------------------------------
+
+def _parse_npy_header(buf: bytes, where: str) -> tuple[int, tuple[int, ...], np.dtype]:
+    """(header length, shape, dtype) of an .npy prefix; refuses object (pickled) and Fortran arrays."""
+    try:
+        return _parse_npy_header_cached(buf)
+    except ShardDataError as exc:
+        raise ShardDataError(f"{where}: {exc}") from None
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_npy_header_cached(buf: bytes) -> tuple[int, tuple[int, ...], np.dtype]:
+    """Members of a shard share a few header shapes; numpy parses headers with literal_eval (slow)."""
+    bio = io.BytesIO(buf)
+    try:
+        major, minor = np.lib.format.read_magic(bio)
+        if (major, minor) == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(bio)
+        elif (major, minor) in ((2, 0), (3, 0)):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(bio)
+        else:
+            raise ValueError(f"unsupported .npy format version {major}.{minor}")
+    except ValueError as exc:
+        raise ShardDataError(f"not a valid .npy header ({exc})") from None
+    if dtype.hasobject:
+        raise ShardDataError(".npy holds Python objects (pickle); refused")
+    if fortran:
+        raise ShardDataError("Fortran-ordered .npy; token blocks must be C order")
+    return bio.tell(), tuple(shape), dtype
+
+
+def _npy_header_length(prefix: bytes, where: str) -> int:
+    if len(prefix) < 10 or prefix[:6] != b"\x93NUMPY":
+        raise ShardDataError(f"{where}: not an .npy file (bad magic)")
+    if prefix[6] == 1:
+        return 10 + int.from_bytes(prefix[8:10], "little")
+    if len(prefix) < 12:
+        raise ShardDataError(f"{where}: truncated .npy header")
+    return 12 + int.from_bytes(prefix[8:12], "little")
+
+
+class _MemberCache:
+    """Members of remote shards kept on local disk, bounded, least recently used evicted first.
+
+    Content-addressed by the shard's sha256 from the index (a rewritten shard gets new entries), so
+    processes and runs share it safely; files are published by rename, so a reader never sees half.
+    """
+
+    def __init__(self, root: str, limit: int):
+        self.root = os.path.abspath(os.path.expanduser(root))
+        self.limit = limit
+        self._total: int | None = None
+        self._lock = threading.Lock()
+
+    def namespace(self, src: _Source, s: int) -> str:
+        sha = src.shard_sha[s]
+        if sha != NO_DIGEST and sha.startswith("sha256:"):
+            return sha[7:47]
+        return digest_json([src.shard_uri(s), src.shard_bytes[s]])[7:47]
+
+    def path(self, src: _Source, m: int) -> str:
+        s = int(src.m_shard[m])
+        return os.path.join(self.root, self.namespace(src, s), f"{src.m_key[m]}.member")
+
+    def verified_marker(self, src: _Source, s: int) -> str | None:
+        sha = src.shard_sha[s]
+        return os.path.join(self.root, sha[7:47] + ".verified") if sha != NO_DIGEST else None
+
+    def touch(self, path: str) -> None:
+        with contextlib.suppress(OSError):
+            os.utime(path)
+
+    def put(self, path: str, data: bytes) -> None:
+        if len(data) > self.limit:
+            return
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+        self._account(len(data))
+
+    def mark(self, path: str) -> None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb"):
+            pass
+
+    def _scan(self) -> list[tuple[float, int, str]]:
+        found = []
+        for dirpath, _, files in os.walk(self.root):
+            for name in files:
+                if not name.endswith(".member"):
+                    continue
+                p = os.path.join(dirpath, name)
+                with contextlib.suppress(FileNotFoundError):
+                    st = os.stat(p)
+                    found.append((st.st_mtime, st.st_size, p))
+        return found
+
+    def _account(self, n: int) -> None:
+        with self._lock:
+            if self._total is None:
+                self._total = sum(size for _, size, _ in self._scan())
+            else:
+                self._total += n
+            if self._total <= self.limit:
+                return
+            files = sorted(self._scan())  # other processes share the directory: recount
+            total = sum(size for _, size, _ in files)
+            target = int(self.limit * 0.9)
+            for _, size, p in files:
+                if total <= target:
+                    break
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(p)
+                    total -= size
+            self._total = total
+
+
+class _Reader:
+    """Fetches a unit's rows into its window buffer, checking the shard and the member headers."""
+
+    def __init__(self, sources: list[_Source], verify: bool, gap: int | None, cache: _MemberCache | None):
+        self.sources = sources
+        self.verify = verify
+        self.gap = gap
+        self.cache = cache
+        self._checked: dict[tuple[int, int], Future] = {}
+        self._lock = threading.Lock()
+
+    def _gap(self, src: _Source) -> int:
+        if self.gap is not None:
+            return self.gap
+        return 64 << 10 if src.storage.is_local else 4 << 20
+
+    # -- whole-shard checks, once per process --------------------------------------------------
+    def check_shard(self, src: _Source, s: int) -> None:
+        with self._lock:
+            fut = self._checked.get((src.slot, s))
+            owner = fut is None
+            if owner:
+                fut = self._checked[(src.slot, s)] = Future()
+        if owner:
+            try:
+                self._check_shard(src, s)
+                fut.set_result(None)
+            except BaseException as exc:
+                fut.set_exception(exc)
+        fut.result()
+
+    def _check_shard(self, src: _Source, s: int) -> None:
+        uri = src.shard_uri(s)
+        ref = src.shard_refs[s]
+        try:
+            size = src.storage.size(ref)
+        except FileNotFoundError:
+            raise ShardDataError(f"{uri}: shard listed in the index is missing") from None
+        except StorageError as exc:
+            raise ShardDataError(f"{uri}: cannot stat shard: {exc}") from None
+        if size != src.shard_bytes[s]:
+            raise ShardDataError(f"{uri}: {size} bytes but the index says {src.shard_bytes[s]} (truncated or replaced shard)")
+        if not self.verify:
+            return
+        want = src.shard_sha[s]
+        if want == NO_DIGEST:
+            raise ShardDataError(f"{uri}: the index records no sha256 (built without digests); "
+                                 "rebuild it with build_index(..., digests=True) or turn verify_digests off")
+        marker = self.cache.verified_marker(src, s) if self.cache is not None and not src.storage.is_local else None
+        if marker is not None and os.path.exists(marker):
+            return
+        got = src.storage.digest(ref)
+        if got != want:
+            raise ShardDataError(f"{uri}: sha256 {got} does not match the index ({want}): corrupt shard")
+        if marker is not None:
+            self.cache.mark(marker)
+
+    # -- one unit --------------------------------------------------------------------------------
+    def fetch(self, unit: _Unit, buf: np.ndarray) -> None:
+        src = self.sources[unit.src]
+        m = unit.member
+        s = int(src.m_shard[m])
+        self.check_shard(src, s)
+        row_bytes = src.row_bytes
+        head = TAR_BLOCK + int(src.m_header[m])  # tar header + npy header, before row 0
+        rows = unit.rows
+        gap_rows = self._gap(src) // row_bytes
+        cut = np.flatnonzero(np.diff(rows) - 1 > gap_rows) + 1
+        run_lo = rows[np.r_[0, cut]]
+        run_hi = rows[np.r_[cut - 1, len(rows) - 1]] + 1
+        ranges = [(head + int(a) * row_bytes, int(b - a) * row_bytes) for a, b in zip(run_lo, run_hi)]
+        first_skip = 0
+        if int(run_lo[0]) * row_bytes <= self._gap(src):  # header and first run in one read
+            first_skip = ranges[0][0]
+            ranges[0] = (0, ranges[0][0] + ranges[0][1])
+        else:
+            ranges.insert(0, (0, head))
+        base = int(src.m_offset[m]) - TAR_BLOCK
+        blobs = self._read(src, m, base, ranges)
+        self._check_headers(src, m, blobs[0][:head])
+        if not first_skip:
+            blobs = blobs[1:]
+        i = 0
+        for blob, a, b in zip(blobs, run_lo, run_hi):
+            skip = first_skip if i == 0 else 0
+            arr = np.frombuffer(blob, dtype=src.dtype, offset=skip).reshape(int(b - a), src.row_len)
+            j = int(np.searchsorted(rows, b, side="left"))
+            dst = buf[unit.slot0 + i : unit.slot0 + j]
+            if j - i == b - a:
+                dst[...] = arr
+            else:
+                np.take(arr, rows[i:j] - a, axis=0, out=dst)
+            i = j
+
+    def _read(self, src: _Source, m: int, base: int, ranges: list[tuple[int, int]]) -> list[bytes]:
+        ref = src.shard_refs[int(src.m_shard[m])]
+        if self.cache is None or src.storage.is_local:
+            return [src.storage.read_range(ref, base + a, n) for a, n in ranges]
+        path = self.cache.path(src, m)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            fd = None
+        if fd is not None:
+            try:
+                out = [os.pread(fd, n, a) for a, n in ranges]
+            finally:
+                os.close(fd)
+            if all(len(b) == n for b, (_, n) in zip(out, ranges)):
+                self.cache.touch(path)
+                return out
+        size = TAR_BLOCK + int(src.m_header[m]) + int(src.m_rows[m]) * src.row_bytes
+        whole = src.storage.read_range(ref, base, size)
+        self._check_headers(src, m, whole[: TAR_BLOCK + int(src.m_header[m])])
+        self.cache.put(path, whole)
+        view = memoryview(whole)
+        return [view[a : a + n] for a, n in ranges]
+
+    def _check_headers(self, src: _Source, m: int, head: bytes) -> None:
+        s = int(src.m_shard[m])
+        key = src.m_key[m]
+        where = f"{src.shard_uri(s)} member {key}"
+        try:
+            info = tarfile.TarInfo.frombuf(bytes(head[:TAR_BLOCK]), "utf-8", "surrogateescape")
+        except tarfile.HeaderError as exc:
+            raise ShardDataError(f"{where}: no valid tar header at offset {int(src.m_offset[m]) - TAR_BLOCK} ({exc}); "
+                                 "the shard is corrupt or the index does not describe it") from None
+        expected = f"{key}.{_TOKEN_EXT}"
+        if info.name != expected:
+            raise ShardDataError(f"{where}: tar member is {info.name!r}, expected {expected!r}")
+        size = int(src.m_header[m]) + int(src.m_rows[m]) * src.row_bytes
+        if not info.isreg() or info.size != size:
+            raise ShardDataError(f"{where}: tar member is not a regular file of {size} bytes")
+        hlen, shape, dtype = _parse_npy_header(bytes(head[TAR_BLOCK:]), where)
+        if hlen != int(src.m_header[m]) or dtype != src.dtype or shape != (int(src.m_rows[m]), src.row_len):
+            raise ShardDataError(f"{where}: .npy header says {dtype}{shape} in {hlen} bytes, the index says "
+                                 f"{src.dtype}({int(src.m_rows[m])}, {src.row_len}) in {int(src.m_header[m])} bytes")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The dataset
+# ---------------------------------------------------------------------------------------------------
+
+class ShardDataset(IterableDataset):
+    """One rank's slice of the global stream, in *groups* of batches.
+
+    Yields tensors ``(n, batch_size, seq_len + 1)``: ``n`` (at most ``group_batches``, fewer only
+    at the end of a finite stream) consecutive batches of this rank, assembled in one go and
+    handed over as one object -- per-batch hand-over (queues, DataLoader IPC, shared-memory
+    segments) would cost more than reading the bytes. In the trainer's process groups are int64;
+    in DataLoader worker processes they keep the shards' dtype (4x less to pass between processes)
+    and :class:`StatefulLoader` widens them. Rank batch ``t`` goes to worker ``(t // group) % n``.
+    ``start``/``stop`` are global positions; ``stop=None`` streams forever (epochs roll over).
+    """
+
+    def __init__(
+        self,
+        sources: list[_Source],
+        weights: list[float],
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        shuffle_window: int = 4,
+        group_batches: int | None = None,
+        prefetch_members: int = 8,
+        prefetch_batches: int = 4,
+        io_threads: int = 4,
+        coalesce_gap_bytes: int | None = None,
+        verify_digests: bool = False,
+        cache_dir: str | None = None,
+        cache_limit_bytes: int = 1 << 30,
+        start: int = 0,
+        stop: int | None = None,
+    ):
+        super().__init__()
+        if not sources or len(sources) != len(weights):
+            raise ValueError("need one weight per dataset and at least one dataset")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        if batch_size < 1 or shuffle_window < 1 or seed < 0 or (group_batches is not None and group_batches < 1):
+            raise ValueError("batch_size, shuffle_window and group_batches must be positive, seed non-negative")
+        first = sources[0]
+        for src in sources[1:]:
+            a, b = first.index, src.index
+            if (src.seq_len, src.dtype) != (first.seq_len, first.dtype) or a["vocab_size"] != b["vocab_size"] \
+                    or a["tokenizer_digest"] != b["tokenizer_digest"]:
+                raise ValueError(f"datasets to mix must share seq_len, dtype, vocab_size and tokenizer: "
+                                 f"{first.storage.uri(INDEX_REF)} vs {src.storage.uri(INDEX_REF)}")
+        self.sources = sources
+        self.weights = [float(w) for w in weights]
+        self.mix = _MixSchedule(self.weights)
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.shuffle_window = shuffle_window
+        self.group = group_batches or min(MAX_GROUP, max(1, GROUP_TOKENS // (batch_size * first.row_len)))
+        self.prefetch_members = prefetch_members
+        self.prefetch_batches = prefetch_batches
+        self.io_threads = io_threads
+        self.coalesce_gap_bytes = coalesce_gap_bytes
+        self.verify_digests = verify_digests
+        self.cache_dir = cache_dir
+        self.cache_limit_bytes = cache_limit_bytes
+        self.start = start
+        self.stop = stop
+        self.pin_memory = False
+        self._pid = os.getpid()
+
+    # -- facts ------------------------------------------------------------------------------------
+    @property
+    def seq_len(self) -> int:
+        return self.sources[0].seq_len
+
+    @property
+    def samples_per_epoch(self) -> int:
+        """Samples of all datasets together (one dataset: its sample count)."""
+        return sum(src.samples for src in self.sources)
+
+    def fingerprint(self) -> str:
+        """What the order depends on; a resume state is only meaningful under the same fingerprint."""
+        return digest_json({"order": ORDER_VERSION, "seed": self.seed, "shuffle": self.shuffle,
+                            "window": self.shuffle_window if self.shuffle else 0,
+                            "quota": self.mix.quota.tolist(),
+                            "datasets": [src.content_digest for src in self.sources]})
+
+    def with_range(self, start: int, stop: int | None) -> "ShardDataset":
+        clone = object.__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        clone.start, clone.stop = start, stop
+        return clone
+
+    # -- order --------------------------------------------------------------------------------------
+    def _order(self, cache: dict, d: int, epoch: int) -> _EpochOrder:
+        order = cache.get((d, epoch))
+        if order is None:
+            order = _EpochOrder(self.sources[d].m_rows, self.seed, d, epoch, self.shuffle, self.shuffle_window)
+            cache[(d, epoch)] = order
+            for key in [k for k in cache if k[0] == d and k[1] < epoch - 1]:
+                del cache[key]
+        return order
+
+    def _by_dataset(self, d_all: np.ndarray) -> list[tuple[int, slice | np.ndarray]]:
+        if len(self.sources) == 1:
+            return [(0, slice(0, len(d_all)))]
+        return [(int(d), np.flatnonzero(d_all == d)) for d in np.unique(d_all)]
+
+    def locate(self, positions: Iterable[int]) -> list[tuple[int, str, str, int]]:
+        """(dataset slot, shard name, member key, row) of global positions: which sample each is."""
+        pos = np.asarray(list(positions), dtype=np.int64)
+        d_all, q_all = self.mix.split(pos)
+        out: list[Any] = [None] * len(pos)
+        cache: dict = {}
+        for d in np.unique(d_all):
+            src = self.sources[int(d)]
+            sel = np.flatnonzero(d_all == d)
+            e_all, p_all = np.divmod(q_all[sel], src.samples)
+            for e in np.unique(e_all):
+                order = self._order(cache, int(d), int(e))
+                s2 = sel[e_all == e]
+                p2 = p_all[e_all == e]
+                w_all = order.window_of(p2)
+                for w in np.unique(w_all):
+                    members, rows = order.locate(int(w), p2[w_all == w])
+                    for i, mem, row in zip(s2[w_all == w], members, rows):
+                        out[i] = (int(d), src.shard_names[int(src.m_shard[mem])], src.m_key[mem], int(row))
+        return out
+
+    # -- plan ---------------------------------------------------------------------------------------
+    def _plan(self, worker: int, nworkers: int) -> Iterator[_Window | _Batch | _Drop]:
+        """Events of one worker, in order: open a window (its rows can be fetched), assemble a group,
+        drop a window. Pure computation on the index: the fetching is done by whoever consumes it."""
+        B, w, r, s = self.batch_size, self.world_size, self.rank, self.group
+        start, stop = self.start, self.stop
+        orders: dict = {}
+        opened: dict[tuple[int, int, int], _Window] = {}
+        latest: dict[int, tuple[int, int, int]] = {}
+        lanes = np.arange(B, dtype=np.int64)
+        g = worker
+        while True:
+            chunks = r + w * (g * s + np.arange(s, dtype=np.int64))
+            if stop is not None:
+                chunks = chunks[start + (chunks + 1) * B <= stop]
+                if not len(chunks):
+                    return
+            pos = (start + chunks[:, None] * B + lanes).reshape(-1)
+            d_all, q_all = self.mix.split(pos)
+            parts = []
+            for d, sel in self._by_dataset(d_all):
+                src = self.sources[d]
+                q = q_all[sel]
+                for e, es in _runs(q // src.samples):
+                    order = self._order(orders, d, e)
+                    qe = q[es]
+                    for win, ws in _runs(order.window_of(qe - e * src.samples)):
+                        key = (d, e, win)
+                        if key not in opened:
+                            opened[key] = self._open(order, src, key, start, stop, worker, nworkers)
+                            latest[d] = key
+                            yield opened[key]
+                        window = opened[key]
+                        slots = window.slot_of[qe[ws] - window.q0]
+                        run = slice(es.start + ws.start, es.start + ws.stop)
+                        parts.append((key, run if isinstance(sel, slice) else sel[run], slots))
+            yield _Batch(parts, len(chunks))
+            for key in [k for k in opened if latest[k[0]] != k]:
+                del opened[key]
+                yield _Drop(key)
+            g += nworkers
+
+    def _open(self, order: _EpochOrder, src: _Source, key: tuple[int, int, int], start: int, stop: int | None,
+              worker: int, nworkers: int) -> _Window:
+        """The rows of a window that this worker will deliver, grouped per member in file order."""
+        d, e, win = key
+        lo, hi = order.window_range(win)
+        places = np.arange(lo, hi, dtype=np.int64)
+        q0 = e * src.samples + lo
+        pos = self.mix.positions(d, q0 + places - lo) if len(self.sources) > 1 else q0 + places - lo
+        rel = pos - start
+        chunk = rel // self.batch_size
+        need = (rel >= 0) & (chunk % self.world_size == self.rank)
+        if nworkers > 1:
+            need &= (chunk // self.world_size // self.group) % nworkers == worker
+        if stop is not None:
+            need &= pos < stop
+        places = places[need]
+        members, rows = order.locate(win, places)
+        sort = np.lexsort((rows, members))
+        members, rows, places = members[sort], rows[sort], places[sort]
+        slot_of = np.full(hi - lo, -1, np.int64)
+        slot_of[places - lo] = np.arange(len(places))
+        cuts = np.flatnonzero(np.diff(members)) + 1
+        units = [_Unit(d, int(members[a]), rows[a:b], int(a))
+                 for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(members)]) if b > a]
+        return _Window(key=key, q0=q0, slot_of=slot_of, units=units, n_rows=len(places))
+
+    # -- iteration --------------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        info = get_worker_info()
+        worker, nworkers = (info.id, info.num_workers) if info is not None else (0, 1)
+        sources = self.sources
+        if os.getpid() != self._pid:  # a forked worker must not share the parent's connections
+            sources = [_fresh_source(src) for src in sources]
+        pipe = _Pipeline(self, sources, worker, nworkers, wide=info is None)
+        try:
+            while True:
+                item = pipe.get()
+                if item is None:
+                    return
+                yield item
+        finally:
+            pipe.close()
+
+
+def _runs(a: np.ndarray) -> list[tuple[int, slice]]:
+    """(value, slice) of each run of equal values of a non-decreasing array."""
+    if a[0] == a[-1]:
+        return [(int(a[0]), slice(0, len(a)))]
+    cut = (np.flatnonzero(a[1:] != a[:-1]) + 1).tolist()
+    bounds = [0, *cut, len(a)]
+    return [(int(a[lo]), slice(lo, hi)) for lo, hi in zip(bounds[:-1], bounds[1:])]
+
+
+def _fresh_source(src: _Source) -> _Source:
+    clone = object.__new__(_Source)
+    clone.__dict__.update(src.__dict__)
+    clone.storage = pickle.loads(pickle.dumps(src.storage))
+    return clone
+
+
+class _Failure:
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+class _Pipeline:
+    """One worker's threads: a producer that plans, fetches ahead (pool) and assembles groups."""
+
+    def __init__(self, ds: ShardDataset, sources: list[_Source], worker: int, nworkers: int, wide: bool):
+        self.ds = ds
+        self.wide = wide
+        cache = _MemberCache(ds.cache_dir, ds.cache_limit_bytes) if ds.cache_dir else None
+        self.reader = _Reader(sources, ds.verify_digests, ds.coalesce_gap_bytes, cache)
+        self.out: queue.Queue = queue.Queue(maxsize=max(2, -(-ds.prefetch_batches // ds.group)))
+        self.halt = threading.Event()
+        self._spare: list[np.ndarray] = []
+        self.pool = ThreadPoolExecutor(max_workers=ds.io_threads, thread_name_prefix="shardflow-read")
+        self.thread = threading.Thread(target=self._run, args=(ds._plan(worker, nworkers),),
+                                       name="shardflow-loader", daemon=True)
+        self.thread.start()
+
+    def get(self) -> torch.Tensor | None:
+        item = self.out.get()
+        if isinstance(item, _Failure):
+            raise item.exc
+        return item
+
+    def close(self) -> None:
+        self.halt.set()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self.out.get_nowait()
+        self.thread.join(timeout=30)
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def _put(self, item: Any) -> bool:
+        while not self.halt.is_set():
+            try:
+                self.out.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, plan: Iterator[_Window | _Batch | _Drop]) -> None:
+        try:
+            self._produce(plan)
+            self._put(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            self._put(_Failure(exc))
+
+    def _alloc(self, n: int, row_len: int, dtype: np.dtype) -> torch.Tensor:
+        if self.wide and self.ds.pin_memory:
+            return torch.empty((n, row_len), dtype=torch.int64, pin_memory=True)
+        # numpy's allocator, not torch.empty: torch advises huge pages for large CPU tensors, and
+        # faulting those in costs more than filling them.
+        return torch.from_numpy(np.empty((n, row_len), dtype=np.int64 if self.wide else dtype))
+
+    def _window_buffer(self, n: int, row_len: int, dtype: np.dtype) -> np.ndarray:
+        """Reuse the buffers of dropped windows (all about the same size): fresh multi-MiB arrays
+        are page-faulted in on first touch, which costs as much as the copy into them."""
+        for i, buf in enumerate(self._spare):
+            if buf.shape[0] >= n:
+                del self._spare[i]
+                return buf[:n]
+        return np.empty((max(n, 1), row_len), dtype=dtype)[:n]
+
+    def _recycle(self, win: _Window) -> None:
+        if win.buf is not None and len(self._spare) < 4:
+            base = win.buf.base if win.buf.base is not None else win.buf
+            self._spare.append(base)
+        win.buf = None
+
+    @staticmethod
+    def _gather(out: np.ndarray, idx: slice | np.ndarray, buf: np.ndarray, slots: np.ndarray) -> None:
+        """out[idx] = buf[slots], widening; in cache-sized chunks so that the gathered rows are
+        still in cache when they are widened (one pass over memory instead of two)."""
+        if not isinstance(idx, slice):
+            out[idx] = buf[slots]
+            return
+        step = max(1, (256 << 10) // (buf.shape[1] * buf.itemsize))
+        for a in range(0, len(slots), step):
+            b = min(a + step, len(slots))
+            np.copyto(out[idx.start + a : idx.start + b], buf[slots[a:b]])
+
+    def _produce(self, plan: Iterator[_Window | _Batch | _Drop]) -> None:
+        ds = self.ds
+        pending: collections.deque = collections.deque()
+        windows: dict[tuple[int, int, int], _Window] = {}
+        ahead = 0  # members requested for windows the groups have not reached yet
+        exhausted = False
+        row_len = ds.seq_len + 1
+        dtype = self.reader.sources[0].dtype
+        while not self.halt.is_set():
+            while not exhausted and ahead < ds.prefetch_members and len(pending) < _MAX_PENDING_EVENTS:
+                ev = next(plan, None)
+                if ev is None:
+                    exhausted = True
+                    break
+                if isinstance(ev, _Window):
+                    ev.buf = self._window_buffer(ev.n_rows, row_len, dtype)
+                    ev.futures = [self.pool.submit(self.reader.fetch, u, ev.buf) for u in ev.units]
+                    ahead += len(ev.units)
+                pending.append(ev)
+            if not pending:
+                return
+            ev = pending.popleft()
+            if isinstance(ev, _Window):
+                ahead -= len(ev.units)
+                windows[ev.key] = ev
+            elif isinstance(ev, _Drop):
+                win = windows.pop(ev.key, None)
+                if win is not None and win.ready:
+                    self._recycle(win)
+            else:
+                group = self._alloc(ev.n * ds.batch_size, row_len, dtype)
+                out = group.numpy()
+                for key, idx, slots in ev.parts:
+                    win = windows[key]
+                    if not win.ready:
+                        for fut in win.futures:
+                            fut.result()
+                        win.ready = True
+                    self._gather(out, idx, win.buf, slots)
+                if not self._put(group.view(ev.n, ds.batch_size, row_len)):
+                    return
+
+
+# ---------------------------------------------------------------------------------------------------
+# The trainer's handle
+# ---------------------------------------------------------------------------------------------------
+
+class StatefulLoader:
+    """Batches of one rank, int64 ``(batch_size, seq_len + 1)``, that know their global position.
+
+    Worker processes cannot report what the trainer consumed, so the position is counted here:
+    every batch handed out advances it by ``batch_size * world_size``. ``state_dict()`` is plain
+    JSON data; ``load_state_dict()`` sets the position the next ``iter()`` starts from, on any world
+    size, worker count or batch size (the position is in samples). Each ``iter()`` continues from the
+    current position; loading a state invalidates a running iterator. With ``num_workers=0`` (the
+    default) no DataLoader is involved: a reader thread in this process does the work.
+    """
+
+    def __init__(self, dataset: ShardDataset, num_workers: int = 0, pin_memory: bool = False, epochs: int | None = None):
+        if epochs is not None and epochs < 1:
+            raise ValueError("epochs must be >= 1 or None (endless)")
+        self.dataset = dataset
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory and torch.cuda.is_available()
+        self.epochs = epochs
+        self._position = 0
+        self._generation = 0
+
+    # -- facts the trainer needs ------------------------------------------------------------------
+    @property
+    def index(self) -> dict[str, Any]:
+        return self.dataset.sources[0].index
+
+    @property
+    def seq_len(self) -> int:
+        return self.dataset.seq_len
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.index["vocab_size"])
+
+    @property
+    def batch_size(self) -> int:
+        return self.dataset.batch_size
+
+    @property
+    def world_size(self) -> int:
+        return self.dataset.world_size
+
+    @property
+    def rank(self) -> int:
+        return self.dataset.rank
+
+    @property
+    def samples_per_epoch(self) -> int:
+        return self.dataset.samples_per_epoch
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """Whole optimizer steps in one epoch's worth of samples (the stream itself wraps)."""
+        return self.samples_per_epoch // (self.batch_size * self.world_size)
+
+    @property
+    def position(self) -> int:
+        return self._position
+
+    @property
+    def epoch(self) -> int:
+        return self._position // self.samples_per_epoch
+
+    def _stop(self, start: int) -> int | None:
+        if self.epochs is None:
+            return None
+        step = self.batch_size * self.world_size
+        end = self.epochs * self.samples_per_epoch
+        return start + max(0, (end - start) // step) * step
+
+    def _widen(self, group: torch.Tensor) -> torch.Tensor:
+        if group.dtype == torch.int64:
+            return group
+        # numpy, not torch: torch's uint16 -> int64 conversion is ~100x slower (no vectorized kernel)
+        out = torch.empty(group.shape, dtype=torch.int64, pin_memory=self.pin_memory)
+        np.copyto(out.numpy(), group.numpy())
+        return out
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        self._generation += 1
+        generation = self._generation
+        start = self._position
+        ds = self.dataset.with_range(start, self._stop(start))
+        if self.num_workers:
+            source = iter(DataLoader(ds, batch_size=None, num_workers=self.num_workers, prefetch_factor=2,
+                                     pin_memory=False))
+        else:
+            ds.pin_memory = self.pin_memory
+            source = iter(ds)
+        step = self.batch_size * self.world_size
+        try:
+            for group in source:
+                for batch in self._widen(group):
+                    if generation != self._generation:
+                        return
+                    self._position += step
+                    yield batch
+        finally:
+            shutdown = getattr(source, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+            else:
+                source.close()
+
+    def state_dict(self) -> dict[str, Any]:
+        ds = self.dataset
+        return {
+            "version": STATE_VERSION,
+            "position": self._position,
+            "epoch": self.epoch,
+            "fingerprint": ds.fingerprint(),
+            "datasets": [
+                {"root": src.storage.root, "split": src.split, "weight": wt, "samples": src.samples,
+                 "consumed": ds.mix.consumed(i, self._position),
+                 "epoch": ds.mix.consumed(i, self._position) // src.samples}
+                for i, (src, wt) in enumerate(zip(ds.sources, ds.weights))
+            ],
+        }
+
+    def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
+        """Resume at ``state["position"]``; with ``strict`` refuse a state of another order."""
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise ValueError(f"unsupported loader state (version {state.get('version') if isinstance(state, dict) else None!r})")
+        pos = state.get("position")
+        if not isinstance(pos, int) or isinstance(pos, bool) or pos < 0:
+            raise ValueError(f"loader state: position must be a non-negative integer, got {pos!r}")
+        if strict and state.get("fingerprint") != self.dataset.fingerprint():
+            raise ValueError("loader state was saved for another sample order (seed, shuffle, datasets, weights or "
+                             "shard contents differ); resuming would not continue the same stream. "
+                             "Pass strict=False to take its position anyway.")
+        self._position = pos
+        self._generation += 1
+
+
+def inputs_targets(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token pairs of a ``(B, seq_len + 1)`` batch: ``(batch[:, :-1], batch[:, 1:])``."""
+    return batch[:, :-1], batch[:, 1:]
+
+
+def _dataset_storage(storage: Storage, root: str | None) -> Storage:
+    """The storage of a dataset root, inheriting endpoint and credentials from the pipeline's."""
+    if root is None:
+        return storage
+    return Storage(root, storage.config.model_copy(update={"root": root}))
+
+
+def build_loader(
+    cfg: LoaderConfig,
+    storage: Storage,
+    rank: int = 0,
+    world_size: int = 1,
+    split: str = "train",
+    *,
+    epochs: int | None = None,
+    indexes: list[dict[str, Any]] | None = None,
+) -> StatefulLoader:
+    """The loader of one rank. ``epochs=None`` streams forever; ``indexes`` overrides index.json."""
+    sources = []
+    for i, spec in enumerate(cfg.datasets):
+        st = _dataset_storage(storage, spec.root)
+        sources.append(_Source.load(st, split, i, indexes[i] if indexes is not None else None))
+    ds = ShardDataset(
+        sources, [spec.weight for spec in cfg.datasets], cfg.batch_size, rank, world_size,
+        seed=cfg.seed, shuffle=cfg.shuffle, shuffle_window=cfg.shuffle_window, group_batches=cfg.group_batches,
+        prefetch_members=cfg.prefetch_members, prefetch_batches=cfg.prefetch_batches, io_threads=cfg.io_threads,
+        coalesce_gap_bytes=cfg.coalesce_gap_bytes, verify_digests=cfg.verify_digests,
+        cache_dir=cfg.cache_dir, cache_limit_bytes=cfg.cache_limit_bytes,
+    )
+    return StatefulLoader(ds, num_workers=cfg.num_workers, pin_memory=cfg.pin_memory, epochs=epochs)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Indexing shards that someone else wrote
+# ---------------------------------------------------------------------------------------------------
+
+def _expand(storage: Storage, pattern_or_urls: str | list[str]) -> list[str]:
+    if isinstance(pattern_or_urls, (list, tuple)):
+        return list(pattern_or_urls)
+    if "{" in pattern_or_urls:
+        import braceexpand
+
+        return list(braceexpand.braceexpand(pattern_or_urls))
+    if any(ch in pattern_or_urls for ch in "*?["):
+        found = storage.glob(pattern_or_urls)
+        if not found:
+            raise FileNotFoundError(f"no shards match {storage.uri(pattern_or_urls)}")
+        return found
+    return [pattern_or_urls]
+
+
+def _scan_tar(storage: Storage, ref: str) -> tuple[list[dict[str, Any]], int, np.dtype | None, int]:
+    """Member entries of one tar from its headers (data is skipped by seeking), checked for safety."""
+    uri = storage.uri(ref)
+    members: list[dict[str, Any]] = []
+    seq_len, dtype = -1, None
+    keys: set[str] = set()
+    with storage.open_read(ref, block_size=1 << 16) as f:
+        try:
+            tf = tarfile.open(fileobj=f, mode="r:")
+        except tarfile.TarError as exc:
+            raise ShardDataError(f"{uri}: not a readable uncompressed tar ({exc})") from None
+        while True:
+            try:
+                info = tf.next()
+            except tarfile.TarError as exc:
+                raise ShardDataError(f"{uri}: corrupt tar after {len(members)} members ({exc})") from None
+            if info is None:
+                break
+            where = f"{uri} member {info.name!r}"
+            try:
+                validate_member_name(info.name)
+            except ValueError as exc:
+                raise ShardDataError(f"{uri}: {exc}") from None
+            if not info.isreg():
+                raise ShardDataError(f"{where}: not a regular file (links, devices and directories are refused)")
+            key, _, ext = posixpath.basename(info.name).partition(".")
+            if "/" in info.name or not key or not all(ch.isalnum() or ch in "_-" for ch in key):
+                raise ShardDataError(f"{where}: sample keys must be dot-free names of letters, digits, '_' and '-'")
+            if ext not in _ALLOWED_EXT:
+                raise ShardDataError(f"{where}: unsupported member type {ext!r}; only {sorted(_ALLOWED_EXT)} are read "
+                                     "(pickled formats such as .pyd/.pickle/.pth are refused)")
+            if ext != _TOKEN_EXT:
+                continue
+            if key in keys:
+                raise ShardDataError(f"{where}: key {key!r} repeated")
+            keys.add(key)
+            f.seek(info.offset_data)
+            prefix = f.read(min(info.size, 16))
+            hlen_guess = _npy_header_length(prefix, where)
+            f.seek(info.offset_data)
+            hlen, shape, dt = _parse_npy_header(f.read(min(info.size, hlen_guess)), where)
+            if dt not in (np.dtype("<u2"), np.dtype("<u4")) or len(shape) != 2 or shape[1] < 2:
+                raise ShardDataError(f"{where}: token blocks must be 2-D little-endian uint16/uint32, got {dt}{shape}")
+            if info.size != hlen + shape[0] * shape[1] * dt.itemsize:
+                raise ShardDataError(f"{where}: {info.size} bytes do not hold a {dt}{shape} array")
+            if dtype is None:
+                seq_len, dtype = shape[1] - 1, dt
+            elif (shape[1] - 1, dt) != (seq_len, dtype):
+                raise ShardDataError(f"{where}: {dt}{shape} differs from earlier members ({dtype}, seq_len {seq_len})")
+            members.append({"key": key, "offset": info.offset_data, "size": info.size, "rows": shape[0], "npy_header": hlen})
+    return members, seq_len, dtype, storage.size(ref)
+
+
+def build_index(
+    storage: Storage,
+    pattern_or_urls: str | list[str],
+    split: str = "train",
+    *,
+    vocab_size: int | None = None,
+    eos_id: int = 0,
+    tokenizer_digest: str = "unknown",
+    digests: bool = False,
+) -> dict[str, Any]:
+    """index.json for WebDataset shards written by other tools (``<key>.tokens.npy`` members).
+
+    Reads tar and .npy headers only (seeking past the data), unless ``digests`` also hashes each
+    shard for ``verify_digests``. Tars under ``<root>/shards/`` are named as the index contract
+    says; others are recorded with their absolute ``uri``. ``vocab_size`` defaults to the dtype's
+    range (pass the tokenizer's). Publish it with ``storage.shards.write_index`` to train on it.
+    """
+    entries = []
+    seq_len, dtype = -1, None
+    for ref in _expand(storage, pattern_or_urls):
+        name = posixpath.basename(ref.rstrip("/"))
+        members, sl, dt, nbytes = _scan_tar(storage, ref)
+        if dt is not None:
+            if dtype is None:
+                seq_len, dtype = sl, dt
+            elif (sl, dt) != (seq_len, dtype):
+                raise ShardDataError(f"{storage.uri(ref)}: {dt} seq_len {sl} differs from other shards ({dtype}, {seq_len})")
+        rows = sum(m["rows"] for m in members)
+        entry: dict[str, Any] = {"name": name, "bytes": nbytes, "sha256": storage.digest(ref) if digests else NO_DIGEST,
+                                 "samples": rows, "tokens": rows * (seq_len + 1), "members": members}
+        if storage.uri(ref) != storage.uri(f"{SHARDS_DIR}/{name}"):
+            entry["uri"] = storage.uri(ref)
+        entries.append(entry)
+    if dtype is None:
+        raise ShardDataError(f"no {_TOKEN_EXT} members in {pattern_or_urls!r}")
+    for e in entries:
+        e["tokens"] = e["samples"] * (seq_len + 1)
+    vocab = vocab_size if vocab_size is not None else int(np.iinfo(dtype).max) + 1
+    return make_index(seq_len, dtype, vocab, tokenizer_digest, eos_id, {split: entries})
