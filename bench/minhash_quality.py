@@ -29,7 +29,6 @@ import glob
 import gzip
 import io
 import json
-import math
 import os
 import random
 import re
@@ -179,7 +178,8 @@ def quality(docs: list[dict], pairs: int, layouts: list[tuple[int, int]], ngram:
         for rate in RATES:
             sk_dup = h.sketch([t for t, _ in planted[rate]]).bands
             out["recall"][f"{rate:.0%}"] = round(float(candidates(sk_base, sk_dup).mean()), 4)
-            out["expected_recall"][f"{rate:.0%}"] = round(float(np.mean([candidate_probability(j, b, r) for j in true_j[rate]])), 4)
+            expected = np.mean([candidate_probability(j, b, r) for j in true_j[rate]])
+            out["expected_recall"][f"{rate:.0%}"] = round(float(expected), 4)
         for name, (arr, js) in pair_sets.items():
             non_dup = js < NON_DUP_J
             flagged = candidates(sk_all[arr[:, 0]], sk_all[arr[:, 1]])
@@ -206,7 +206,8 @@ def baseline_numpy(texts: list[str], ngram: int, a: np.ndarray, b: np.ndarray, b
             t = unicodedata.normalize("NFKC", t)
         words = _PUNCT.sub(" ", t.lower()).split()
         grams = [" ".join(words[i:i + ngram]) for i in range(max(1, len(words) - ngram + 1))]
-        x = np.fromiter((xxhash.xxh64_intdigest(g.encode("utf-8", "surrogatepass")) >> 32 for g in grams), dtype=np.uint64, count=len(grams))
+        x = np.fromiter((xxhash.xxh64_intdigest(g.encode("utf-8", "surrogatepass")) >> 32 for g in grams),
+                        dtype=np.uint64, count=len(grams))
         sig = ((x[:, None] * a[None, :] + b[None, :]).min(axis=0) >> np.uint64(32)).astype(np.uint32)
         out.append([xxhash.xxh64_intdigest(sig[i * rows:(i + 1) * rows].tobytes()) for i in range(bands)])
     return out
@@ -218,7 +219,8 @@ def baseline_pure_python(texts: list[str], ngram: int, a: list[int], b: list[int
     mask = (1 << 64) - 1
     for t in texts:
         words = _PUNCT.sub(" ", t.lower()).split()
-        xs = {xxhash.xxh64_intdigest(" ".join(words[i:i + ngram]).encode("utf-8", "surrogatepass")) >> 32 for i in range(max(1, len(words) - ngram + 1))}
+        xs = {xxhash.xxh64_intdigest(" ".join(words[i:i + ngram]).encode("utf-8", "surrogatepass")) >> 32
+              for i in range(max(1, len(words) - ngram + 1))}
         sig = [min(((ak * x + bk) & mask) >> 32 for x in xs) for ak, bk in zip(a, b)]
         out.append([hash(tuple(sig[i * rows:(i + 1) * rows])) for i in range(bands)])
     return out
@@ -284,7 +286,8 @@ def main() -> None:
 
     print("\n=== MinHash LSH quality ===")
     print(f"{len(docs)} docs, {q['pairs_per_rate']} planted pairs per edit rate, {ngram}-word shingles")
-    print("true Jaccard of planted pairs: " + ", ".join(f"{k}: mean {v['mean']:.3f} (p10 {v['p10']:.3f})" for k, v in q["true_jaccard"].items()))
+    print("true Jaccard of planted pairs: "
+          + ", ".join(f"{k}: mean {v['mean']:.3f} (p10 {v['p10']:.3f})" for k, v in q["true_jaccard"].items()))
     for name, res in q["layouts"].items():
         b, r = layout_list(name)[0]
         thr = (1 / b) ** (1 / r)

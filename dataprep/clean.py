@@ -40,9 +40,14 @@ _LEADING_WS = re.compile(r"(?m)^[ \t]+")
 _INNER_WS = re.compile(r"[ \t](?<=[^ \t\n][ \t])(?:(?<=\t)|[ \t])[ \t]*")
 _ANY_WS_RUN = re.compile(r"[ \t]{2,}|\t")
 
-_EMAIL = re.compile(r"(?<![\w.%+-])[A-Za-z0-9](?:[A-Za-z0-9._%+-]{0,63})@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24}\b")
-_OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
-_IPV4 = re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?!\w|\.\d)")
+# E-mail addresses are found from their "@" (a literal the engine scans for at C speed): the domain
+# after it by _EMAIL_DOMAIN, the local part before it by _EMAIL_LOCAL searched backwards.
+_EMAIL_DOMAIN = re.compile(r"@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,24}\b")
+_EMAIL_LOCAL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}\Z")
+_EMAIL_LOCAL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.%+-")
+# IPv4 candidates start with a digit (fast scan) not preceded by a word character or a dot and
+# are not followed by more of a dotted number; octets are range-checked in code.
+_IPV4 = re.compile(r"[0-9](?<![\w.][0-9])[0-9]{0,2}(?:\.[0-9]{1,3}){3}(?![\w]|\.\d)")
 # Candidates only; ipaddress validates them and a digit is required (so "::", C++ scopes such as
 # "std::x" or "a::b", MAC addresses and clock times stay untouched).
 _IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{1,4}:|:)(?:[0-9A-Fa-f]{0,4}:){1,7}(?:[0-9A-Fa-f]{1,4}|(?:\d{1,3}\.){3}\d{1,3})?(?![\w:])")
@@ -128,9 +133,7 @@ class Cleaner:
                 text = self._newlines.sub("\n" * self._max_nl, text)
             text = text.strip()
         if cfg.mask_emails and "@" in text:
-            text, n = _EMAIL.subn(self._email_repl, text)
-            if n:
-                counters["masked.email"] += n
+            text = self._mask_emails(text, counters)
         if cfg.mask_ips:
             text = self._mask_ips(text, counters)
         return text
@@ -149,12 +152,42 @@ class Cleaner:
             counters["clean.boilerplate_lines"] += removed
         return "\n".join(kept)
 
+    def _mask_emails(self, text: str, counters: Counter) -> str:
+        parts, last, found = [], 0, 0
+        for m in _EMAIL_DOMAIN.finditer(text):
+            at = m.start()
+            local = _EMAIL_LOCAL.search(text, max(last, at - 64), at)
+            if local is None:
+                continue
+            start = local.start()
+            if start > 0 and text[start - 1] in _EMAIL_LOCAL_CHARS:
+                continue  # the local part would be longer than 64 characters
+            parts += (text[last:start], self._email_repl)
+            last = m.end()
+            found += 1
+        if not found:
+            return text
+        counters["masked.email"] += found
+        parts.append(text[last:])
+        return "".join(parts)
+
     def _mask_ips(self, text: str, counters: Counter) -> str:
         if "." in text:
-            text, n = _IPV4.subn(self._ip_repl, text)
-            if n:
-                counters["masked.ipv4"] += n
-        if ":" in text:
+            found = 0
+            repl = self._ip_repl
+
+            def sub4(m: re.Match) -> str:
+                nonlocal found
+                octets = m.group(0).split(".")
+                if all(len(o) == 1 or (o[0] != "0" and int(o) <= 255) for o in octets):
+                    found += 1
+                    return repl
+                return m.group(0)
+
+            text = _IPV4.sub(sub4, text)
+            if found:
+                counters["masked.ipv4"] += found
+        if "::" in text or text.count(":") >= 7:  # an IPv6 address has "::" or 7 colons
             found = 0
             repl = self._ip_repl
 

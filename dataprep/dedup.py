@@ -49,7 +49,7 @@ import pyarrow.parquet as pq
 import xxhash
 import zstandard
 
-from shardflow.storage import Storage, digest_json
+from shardflow.storage import Storage, digest_bytes, digest_json
 from shardflow.storage.jsonl import iter_lines
 from shardflow.storage.manifest import list_records, read_record
 
@@ -69,6 +69,7 @@ REPORT_REF = "dedup/clusters_report.json"
 EXACT_COLUMN = "exact"
 _META_KEY = b"shardflow.dedup"
 _SIG_BATCH_BYTES = 4 << 20
+_WRITE_CHUNK = 1 << 20
 _HISTOGRAM_CAP = 10
 _REPORT_LARGEST = 10
 _REPORT_MEMBERS = 20
@@ -219,7 +220,8 @@ class DedupSignaturesStage:
                     raise TypeError(f"text is {type(text).__name__}, not str")
             except (ValueError, KeyError, TypeError) as exc:
                 # upstream output is trusted; if it is broken anyway, say where
-                raise ValueError(f"{storage.uri(docs_ref)}: line {lineno}: not a document ({type(exc).__name__}: {exc})") from None
+                raise ValueError(f"{storage.uri(docs_ref)}: line {lineno}: not a document "
+                                 f"({type(exc).__name__}: {exc})") from None
             ids.append(doc_id if isinstance(doc_id, str) else str(doc_id))
             texts.append(text)
             size += len(line)
@@ -559,7 +561,7 @@ class DedupClustersStage:
         per_shard = _write_drop_lists(storage, shards, metas, docs, clusters)
         outputs.update({f"drops.{s}": drop_ref(s) for s in shards})
         report = _report(self.columns, d.jaccard_threshold, metas, docs, clusters, counters, per_shard)
-        storage.write_bytes(REPORT_REF, (json.dumps(report, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8"))
+        storage.write_bytes(REPORT_REF, (json.dumps(report, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode())
         outputs["report"] = REPORT_REF
         return ShardOutput(outputs=outputs, counts=dict(counters))
 
@@ -620,7 +622,7 @@ def _report(columns: list[str], threshold: float | None, metas: list[dict[str, A
         "dropped_per_shard": per_shard,
         "largest_clusters": [
             {"size": int(clusters.size[s]), "survivor": docs.ids[s],
-             "members": sorted(docs.ids[i] for i in np.flatnonzero(clusters.label == clusters.label[s]).tolist())[:_REPORT_MEMBERS]}
+             "members": sorted(docs.ids[i] for i in np.flatnonzero(clusters.label == clusters.label[s]))[:_REPORT_MEMBERS]}
             for s in top],
     }
 
@@ -670,7 +672,8 @@ class DedupFilterStage:
         result = []
         for s in specs:
             out = outs.get(f"drops.{s.shard_id}")
-            result.append(ShardSpec(s.shard_id, {**s.inputs, (out.ref if out else drop_ref(s.shard_id)): out.digest if out else ""}))
+            drops = {out.ref: out.digest} if out else {drop_ref(s.shard_id): ""}
+            result.append(ShardSpec(s.shard_id, {**s.inputs, **drops}))
         return result
 
     def config_digest(self) -> str:
@@ -684,8 +687,12 @@ class DedupFilterStage:
         expected = None
         if self.enabled:
             if not spec.inputs.get(drops_key) or not storage.exists(drops_key):
-                raise RuntimeError(f"no drop list for shard {spec.shard_id} ({storage.uri(drops_key)}): run dedup_clusters first")
-            dl = json.loads(storage.read_bytes(drops_key))
+                raise RuntimeError(f"no drop list for shard {spec.shard_id} ({storage.uri(drops_key)}) in the last "
+                                   f"dedup_clusters run: run dedup_signatures … dedup_clusters first")
+            raw_list = storage.read_bytes(drops_key)
+            if digest_bytes(raw_list) != spec.inputs[drops_key]:
+                raise RuntimeError(f"{storage.uri(drops_key)} changed since this run was planned: plan again")
+            dl = json.loads(raw_list)
             if dl["docs"]["digest"] != docs_digest:
                 raise RuntimeError(
                     f"drop list {storage.uri(drops_key)} was computed from {dl['docs']['digest']} but "
@@ -696,17 +703,24 @@ class DedupFilterStage:
         out = f"stages/{self.name}/{spec.shard_id}.jsonl.zst"
         n_in = n_out = 0
         with storage.atomic_write(out) as raw:
-            cctx = zstandard.ZstdCompressor(level=3, write_checksum=True)
+            cctx = zstandard.ZstdCompressor(level=3, write_checksum=True)   # as JsonlWriter
             with cctx.stream_writer(raw, closefd=False) as w:
+                pending: list[bytes] = []
+                size = 0
                 for _, line in iter_lines(storage, docs_ref):
                     kind = drop.get(n_in)
                     n_in += 1
                     if kind is not None:
                         counters[f"dropped.{kind}"] += 1
                         continue
-                    w.write(line)
-                    w.write(b"\n")
+                    pending.append(line)
+                    size += len(line)
                     n_out += 1
+                    if size >= _WRITE_CHUNK:
+                        w.write(b"\n".join(pending) + b"\n")
+                        pending, size = [], 0
+                if pending:
+                    w.write(b"\n".join(pending) + b"\n")
             if expected is not None and n_in != expected:  # raising here publishes nothing
                 raise RuntimeError(f"{storage.uri(docs_ref)} has {n_in} documents, its drop list expects {expected}")
         counters["docs_in"], counters["docs_out"] = n_in, n_out

@@ -17,7 +17,7 @@ from shardflow.storage.jsonl import JsonlWriter, iter_jsonl
 from .clean import clean_step
 from .config import PrepConfig
 from .langid import language_step
-from .quality import filter_step, quality_filters
+from .quality import OnDrop, filter_step, quality_filters
 from .read import read_documents, utf8_len
 from .stage import Document, ShardOutput, ShardSpec, input_shards, upstream_shards
 
@@ -117,12 +117,14 @@ class FilterStage:
         counters: Counter = Counter()
         outputs = {"docs": docs_ref}
         dropped_writer = JsonlWriter(storage, dropped_ref) if f.write_dropped else None
-        on_drop = None
+        on_drop: OnDrop | None = None
         if dropped_writer is not None:
             outputs["dropped"] = dropped_ref
 
-            def on_drop(doc: Document, filter_name: str, reason: str) -> None:
+            def write_dropped(doc: Document, filter_name: str, reason: str) -> None:
                 dropped_writer.write({**doc, "filter": filter_name, "reason": reason})
+
+            on_drop = write_dropped
 
         try:
             with JsonlWriter(storage, docs_ref) as dw:

@@ -2,7 +2,7 @@
 
 Nothing is downloaded at run time (fastText's lid.176 would be, and the machines running the
 pipeline may have no route to a model hub). Probabilities are normalized over all of the model's
-97 languages, so ``threshold`` means the same whatever ``languages`` are kept. Only the first
+140 language labels, so ``threshold`` means the same whatever ``languages`` are kept. Only the first
 ``max_chars`` characters are classified: the model's cost is linear in the bytes it walks, and a
 prefix of a couple of KB decides as well as the whole text (measured in docs/filters.md).
 """

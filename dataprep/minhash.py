@@ -7,13 +7,14 @@ work per document is ``lower()``/``encode()`` (and NFKC for non-ASCII text); eve
 over the UTF-8 bytes of a whole batch of documents at once:
 
 1. *Normalization* (lowercase, NFKC, punctuation/symbols/whitespace become word separators):
-   ASCII through a 256-entry table, non-ASCII characters by decoding their code points in numpy and
-   looking them up in a table of Unicode categories P*, S*, Z* (built once per process).
-2. *Word hashes*: a polynomial hash of each word's bytes (mod 2^64), finished with the splitmix64
-   mixer and the word length, so every word is a well-mixed 64-bit value. No word objects exist.
-3. *Exact key*: a position-weighted fold of the document's word hashes: equal iff the normalized
-   word sequences are equal (up to 64-bit collisions). It depends on no MinHash parameter, so the
-   exact-duplicate decision and the survivor order stay put when the LSH settings change.
+   ASCII bytes by vectorized comparisons, non-ASCII characters by decoding their code points in
+   numpy and looking them up in a table of Unicode categories P*, S*, Z* (built once per process).
+2. *Word hashes*: a polynomial hash of each word's bytes (mod 2^64, from prefix sums over the
+   whole batch), finished with the splitmix64 mixer and the word length; no word objects exist.
+   Words of :data:`LONG_WORD` bytes or more (rare) are hashed with xxh3 instead.
+3. *Exact key*: a sum of the document's (word hash, position) pairs, each mixed: equal iff the
+   normalized word sequences are equal (up to 64-bit collisions). It depends on no MinHash
+   parameter, so exact-duplicate decisions and survivor order stay put when LSH settings change.
 4. *Shingles*: every run of ``ngram`` consecutive words of a document, folded and mixed to 64 bits
    (shingles never span two documents). A document with fewer words than ``ngram`` has one shingle,
    its whole normalized text (its exact key). A document with no word at all after normalization
@@ -48,10 +49,14 @@ M64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
 _MIX1 = 0xBF58476D1CE4E5B9
 _MIX2 = 0x94D049BB133111EB
-_BYTE_BASE = 0x100000001B3 * 0x9E37 | 1  # odd multiplier of the per-word byte polynomial
+_BYTE_BASE = 0x9E3700010CD775           # odd multiplier of the per-word byte polynomial
 _WORD_BASE = 0xD6E8FEB86659FD93          # odd multiplier folding word hashes (exact key, shingles)
 _SHORT_TAG = 0x5851F42D4C957F2D          # keeps a whole-text key apart from an n-gram fold
 _EMPTY_SEED = 0x27D4EB2F165667C5         # seed of the raw-text key of a wordless document
+_LONG_SEED = 0x165667B19E3779F9
+LONG_WORD = 1024
+"""Words of this many bytes or more are hashed with xxh3 instead of the byte polynomial: polynomial
+hashes mod 2^64 collide for Thue-Morse strings of 2^11 bytes, whatever the base."""
 
 _U64 = np.uint64
 _S30, _S27, _S31, _S32 = _U64(30), _U64(27), _U64(31), _U64(32)
@@ -94,6 +99,8 @@ def _mix_int(x: int) -> int:
 
 
 def _word_hash_int(word: bytes) -> int:
+    if len(word) >= LONG_WORD:
+        return xxhash.xxh3_64_intdigest(word, seed=_LONG_SEED)
     acc, p = 0, 1
     for byte in word:
         acc = (acc + (byte + 1) * p) & M64
@@ -117,7 +124,8 @@ def reference_exact_key(text: str) -> int:
     words = [w.encode("utf-8", "surrogatepass") for w in normalize_words(text)]
     if not words:
         return _raw_key(text)
-    return _mix_int(_fold_int([_word_hash_int(w) for w in words]) + len(words) * _GOLDEN)
+    acc = sum(_mix_int(_word_hash_int(w) + (k + 1) * _WORD_BASE) for k, w in enumerate(words))
+    return _mix_int(acc + len(words) * _GOLDEN)
 
 
 def reference_shingles(text: str, ngram: int) -> list[int]:
@@ -168,22 +176,19 @@ class _Powers:
         t[1:] = _U64(base)
         return np.cumprod(t, out=t)
 
-    def __call__(self, n: int) -> np.ndarray:
-        return self.both(n, inverse=False)[0]
-
-    def both(self, n: int, inverse: bool = True) -> tuple[np.ndarray, np.ndarray]:
-        if n <= len(self._pow) and (not inverse or n <= len(self._inv)):
+    def both(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(powers, inverse powers), each at least ``n`` long."""
+        if n <= len(self._pow) and n <= len(self._inv):
             return self._pow, self._inv
         size = max(n, min(2 * len(self._pow), self.cache_limit), 1024)
         pw = self._table(self.base, size) if n > len(self._pow) else self._pow
-        inv = self._table(self.inverse, size) if inverse and n > len(self._inv) else self._inv
+        inv = self._table(self.inverse, size) if n > len(self._inv) else self._inv
         if size <= self.cache_limit:
             self._pow, self._inv = pw, inv
         return pw, inv
 
 
 _BYTE_POW = _Powers(_BYTE_BASE)
-_WORD_POW = _Powers(_WORD_BASE)
 
 
 def ascii_separator_mask(b: np.ndarray) -> np.ndarray:
@@ -281,36 +286,31 @@ def _batch_words(encoded: list[bytes]) -> _Words:
     np.cumsum(vals, out=prefix[1:])
     acc = prefix[ends] - prefix[starts]
     acc *= inv[starts]
-    acc ^= (ends - starts).astype(np.uint64) * _U64(_GOLDEN)
-    return _Words(mix64(acc), first, counts)
+    lengths = ends - starts
+    acc ^= lengths.astype(np.uint64) * _U64(_GOLDEN)
+    hashes = mix64(acc)
+    for i in np.flatnonzero(lengths >= LONG_WORD).tolist():   # rare: base64 blobs, long URLs
+        hashes[i] = xxhash.xxh3_64_intdigest(buf[starts[i]:ends[i]].lower(), seed=_LONG_SEED)
+    return _Words(hashes, first, counts)
 
 
 def _exact_keys(words: _Words, texts: Sequence[str]) -> np.ndarray:
-    d = len(words.counts)
-    keys = np.zeros(d, dtype=np.uint64)
+    """Per document: ``mix(sum_k mix(word_k + (k + 1) * B) + words * G)``. A sum of nonlinearly
+    mixed (word, position) terms rather than a polynomial, because polynomial hashes mod 2^64
+    collide for structured sequences (Thue-Morse patterns of two words) whatever the base."""
+    keys = np.zeros(len(words.counts), dtype=np.uint64)
     has = words.counts > 0
     if has.any():
         counts = words.counts[has]
-        firsts = words.first[has]
-        total = int(counts.sum())
-        # weight of word k of a document with w words is base^(w-1-k), as in _fold_int
-        local = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
-        weight = np.repeat(counts - 1, counts) - local
-        vals = words.hashes[_ranges(firsts, counts)] * _WORD_POW(int(counts.max()))[weight]
-        offs = np.cumsum(counts) - counts
-        acc = np.add.reduceat(vals, offs)
+        offs = np.cumsum(counts) - counts          # documents' words are contiguous and in order
+        pos = np.arange(len(words.hashes), dtype=np.int64) - np.repeat(offs, counts) + 1
+        terms = mix64(words.hashes + pos.astype(np.uint64) * _U64(_WORD_BASE))
+        acc = np.add.reduceat(terms, offs)
         acc += counts.astype(np.uint64) * _U64(_GOLDEN)
         keys[has] = mix64(acc)
     for i in np.flatnonzero(~has).tolist():
         keys[i] = _raw_key(texts[i])
     return keys
-
-
-def _ranges(firsts: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Concatenation of ``arange(f, f + c)`` for each pair, vectorized."""
-    total = int(counts.sum())
-    offs = np.cumsum(counts) - counts
-    return np.arange(total, dtype=np.int64) - np.repeat(offs - firsts, counts)
 
 
 def _shingles(words: _Words, exact: np.ndarray, ngram: int) -> tuple[np.ndarray, np.ndarray]:
@@ -379,7 +379,8 @@ class MinHasher:
     def __init__(self, ngram: int = 5, num_bands: int = 14, rows_per_band: int = 8, seed: int = 1,
                  batch_bytes: int = 1 << 20, chunk_rows: int = 2048):
         if ngram < 1 or num_bands < 0 or rows_per_band < 1:
-            raise ValueError(f"need ngram >= 1, num_bands >= 0, rows_per_band >= 1; got {ngram}, {num_bands}, {rows_per_band}")
+            raise ValueError(f"need ngram >= 1, num_bands >= 0, rows_per_band >= 1; "
+                             f"got {ngram}, {num_bands}, {rows_per_band}")
         self.ngram, self.num_bands, self.rows_per_band, self.seed = ngram, num_bands, rows_per_band, seed
         self.num_perm = num_bands * rows_per_band
         self.batch_bytes, self.chunk_rows = batch_bytes, chunk_rows

@@ -121,6 +121,7 @@ def write_launch_config(train: TrainConfig, storage: StorageConfig, directory: s
     it when torchrun has exited.
     """
     d = directory or tempfile.mkdtemp(prefix="shardflow-train-")
+    os.makedirs(d, mode=0o700, exist_ok=True)
     os.chmod(d, 0o700)
     st = storage.model_dump(mode="json")
     for k in ("key", "secret"):

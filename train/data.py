@@ -37,6 +37,7 @@ and the member, not garbage tokens. A small thread fetches the next windows ahea
 """
 from __future__ import annotations
 
+import bisect
 import collections
 import contextlib
 import functools
@@ -183,10 +184,14 @@ class _EpochOrder:
         self.cum = np.zeros(n + 1, np.int64)
         np.cumsum(rows[self.perm], out=self.cum[1:])
         self.bounds = self.cum[np.r_[np.arange(0, n, window), n]]
+        self._bounds_list = self.bounds.tolist()
         self._wperm: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
 
     def window_of(self, p: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.bounds, p, side="right") - 1
+
+    def window_index(self, p: int) -> int:
+        return bisect.bisect_right(self._bounds_list, p) - 1
 
     def window_range(self, w: int) -> tuple[int, int]:
         return int(self.bounds[w]), int(self.bounds[w + 1])
@@ -425,6 +430,61 @@ class _MemberCache:
             self._total = total
 
 
+class _FileMember:
+    """A member read from an open file (seek + readinto: no intermediate bytes object)."""
+
+    def __init__(self, f, base: int, uri: str):
+        self.f, self.base, self.uri = f, base, uri
+
+    def __enter__(self) -> "_FileMember":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.f.close()
+
+    def _short(self, start: int, want: int, got: int) -> StorageError:
+        return StorageError(f"short read of {self.uri}: wanted {want} bytes at {self.base + start}, got {got} (truncated?)")
+
+    def read(self, start: int, n: int) -> bytes:
+        self.f.seek(self.base + start)
+        data = self.f.read(n)
+        if len(data) != n:
+            raise self._short(start, n, len(data))
+        return data
+
+    def read_into(self, start: int, dst: np.ndarray) -> None:
+        self.f.seek(self.base + start)
+        view = memoryview(dst).cast("B")
+        got = 0
+        while got < len(view):
+            n = self.f.readinto(view[got:])
+            if not n:
+                raise self._short(start, len(view), got)
+            got += n
+
+
+class _BlobMember:
+    """A member of which the wanted ranges were fetched already (range GETs or a cache fill)."""
+
+    def __init__(self, blobs: list[tuple[int, bytes]], uri: str):
+        self.blobs, self.uri = blobs, uri
+
+    def __enter__(self) -> "_BlobMember":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.blobs = []
+
+    def read(self, start: int, n: int) -> memoryview:
+        for at, blob in self.blobs:
+            if at <= start and start + n <= at + len(blob):
+                return memoryview(blob)[start - at : start - at + n]
+        raise AssertionError(f"{self.uri}: bytes {start}+{n} were not fetched")  # a planning bug, not bad data
+
+    def read_into(self, start: int, dst: np.ndarray) -> None:
+        memoryview(dst).cast("B")[:] = self.read(start, dst.nbytes)
+
+
 class _Reader:
     """Fetches a unit's rows into its window buffer, checking the shard and the member headers."""
 
@@ -484,64 +544,55 @@ class _Reader:
 
     # -- one unit --------------------------------------------------------------------------------
     def fetch(self, unit: _Unit, buf: np.ndarray) -> None:
+        """Read the unit's rows into its slots of the window buffer (straight into it where a run of
+        rows is wanted whole), after checking the member's tar and .npy headers."""
         src = self.sources[unit.src]
         m = unit.member
-        s = int(src.m_shard[m])
-        self.check_shard(src, s)
+        self.check_shard(src, int(src.m_shard[m]))
         row_bytes = src.row_bytes
         head = TAR_BLOCK + int(src.m_header[m])  # tar header + npy header, before row 0
         rows = unit.rows
-        gap_rows = self._gap(src) // row_bytes
-        cut = np.flatnonzero(np.diff(rows) - 1 > gap_rows) + 1
-        run_lo = rows[np.r_[0, cut]]
-        run_hi = rows[np.r_[cut - 1, len(rows) - 1]] + 1
-        ranges = [(head + int(a) * row_bytes, int(b - a) * row_bytes) for a, b in zip(run_lo, run_hi)]
-        first_skip = 0
-        if int(run_lo[0]) * row_bytes <= self._gap(src):  # header and first run in one read
-            first_skip = ranges[0][0]
-            ranges[0] = (0, ranges[0][0] + ranges[0][1])
-        else:
-            ranges.insert(0, (0, head))
-        base = int(src.m_offset[m]) - TAR_BLOCK
-        blobs = self._read(src, m, base, ranges)
-        self._check_headers(src, m, blobs[0][:head])
-        if not first_skip:
-            blobs = blobs[1:]
-        i = 0
-        for blob, a, b in zip(blobs, run_lo, run_hi):
-            skip = first_skip if i == 0 else 0
-            arr = np.frombuffer(blob, dtype=src.dtype, offset=skip).reshape(int(b - a), src.row_len)
-            j = int(np.searchsorted(rows, b, side="left"))
-            dst = buf[unit.slot0 + i : unit.slot0 + j]
-            if j - i == b - a:
-                dst[...] = arr
-            else:
-                np.take(arr, rows[i:j] - a, axis=0, out=dst)
-            i = j
+        gap = self._gap(src)
+        cut = (np.flatnonzero(np.diff(rows) - 1 > gap // row_bytes) + 1).tolist()
+        bounds = [0, *cut, len(rows)]
+        runs = [(int(rows[i]), int(rows[j - 1]) + 1, i, j) for i, j in zip(bounds[:-1], bounds[1:])]
+        member = self._open_member(src, m, head, [(head + a * row_bytes, (b - a) * row_bytes) for a, b, _, _ in runs], gap)
+        with member:
+            self._check_headers(src, m, member.read(0, head))
+            for a, b, i, j in runs:
+                dst = buf[unit.slot0 + i : unit.slot0 + j]
+                if j - i == b - a:
+                    member.read_into(head + a * row_bytes, dst)
+                else:
+                    arr = np.frombuffer(member.read(head + a * row_bytes, (b - a) * row_bytes), dtype=src.dtype)
+                    np.take(arr.reshape(b - a, src.row_len), rows[i:j] - a, axis=0, out=dst)
 
-    def _read(self, src: _Source, m: int, base: int, ranges: list[tuple[int, int]]) -> list[bytes]:
+    def _open_member(self, src: _Source, m: int, head: int, ranges: list[tuple[int, int]], gap: int):
+        """Byte access to one member relative to its tar header: a local file, a cached copy, or the
+        wanted ranges fetched up front by range reads (merged across small gaps, header included)."""
         ref = src.shard_refs[int(src.m_shard[m])]
-        if self.cache is None or src.storage.is_local:
-            return [src.storage.read_range(ref, base + a, n) for a, n in ranges]
-        path = self.cache.path(src, m)
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            fd = None
-        if fd is not None:
-            try:
-                out = [os.pread(fd, n, a) for a, n in ranges]
-            finally:
-                os.close(fd)
-            if all(len(b) == n for b, (_, n) in zip(out, ranges)):
+        base = int(src.m_offset[m]) - TAR_BLOCK
+        uri = src.shard_uri(int(src.m_shard[m]))
+        if src.storage.is_local:
+            return _FileMember(src.storage.open_read(ref), base, uri)
+        if self.cache is not None:
+            path = self.cache.path(src, m)
+            with contextlib.suppress(FileNotFoundError):
+                member = _FileMember(open(path, "rb", buffering=0), 0, path)
                 self.cache.touch(path)
-                return out
-        size = TAR_BLOCK + int(src.m_header[m]) + int(src.m_rows[m]) * src.row_bytes
-        whole = src.storage.read_range(ref, base, size)
-        self._check_headers(src, m, whole[: TAR_BLOCK + int(src.m_header[m])])
-        self.cache.put(path, whole)
-        view = memoryview(whole)
-        return [view[a : a + n] for a, n in ranges]
+                return member
+            size = head + int(src.m_rows[m]) * src.row_bytes
+            whole = src.storage.read_range(ref, base, size)
+            self._check_headers(src, m, whole[:head])
+            self.cache.put(path, whole)
+            return _BlobMember([(0, whole)], uri)
+        merged: list[list[int]] = [[0, head]]
+        for start, n in ranges:
+            if start - merged[-1][1] <= gap:
+                merged[-1][1] = start + n
+            else:
+                merged.append([start, start + n])
+        return _BlobMember([(a, src.storage.read_range(ref, base + a, b - a)) for a, b in merged], uri)
 
     def _check_headers(self, src: _Source, m: int, head: bytes) -> None:
         s = int(src.m_shard[m])
@@ -697,74 +748,6 @@ class ShardDataset(IterableDataset):
                         out[i] = (int(d), src.shard_names[int(src.m_shard[mem])], src.m_key[mem], int(row))
         return out
 
-    # -- plan ---------------------------------------------------------------------------------------
-    def _plan(self, worker: int, nworkers: int) -> Iterator[_Window | _Batch | _Drop]:
-        """Events of one worker, in order: open a window (its rows can be fetched), assemble a group,
-        drop a window. Pure computation on the index: the fetching is done by whoever consumes it."""
-        B, w, r, s = self.batch_size, self.world_size, self.rank, self.group
-        start, stop = self.start, self.stop
-        orders: dict = {}
-        opened: dict[tuple[int, int, int], _Window] = {}
-        latest: dict[int, tuple[int, int, int]] = {}
-        lanes = np.arange(B, dtype=np.int64)
-        g = worker
-        while True:
-            chunks = r + w * (g * s + np.arange(s, dtype=np.int64))
-            if stop is not None:
-                chunks = chunks[start + (chunks + 1) * B <= stop]
-                if not len(chunks):
-                    return
-            pos = (start + chunks[:, None] * B + lanes).reshape(-1)
-            d_all, q_all = self.mix.split(pos)
-            parts = []
-            for d, sel in self._by_dataset(d_all):
-                src = self.sources[d]
-                q = q_all[sel]
-                for e, es in _runs(q // src.samples):
-                    order = self._order(orders, d, e)
-                    qe = q[es]
-                    for win, ws in _runs(order.window_of(qe - e * src.samples)):
-                        key = (d, e, win)
-                        if key not in opened:
-                            opened[key] = self._open(order, src, key, start, stop, worker, nworkers)
-                            latest[d] = key
-                            yield opened[key]
-                        window = opened[key]
-                        slots = window.slot_of[qe[ws] - window.q0]
-                        run = slice(es.start + ws.start, es.start + ws.stop)
-                        parts.append((key, run if isinstance(sel, slice) else sel[run], slots))
-            yield _Batch(parts, len(chunks))
-            for key in [k for k in opened if latest[k[0]] != k]:
-                del opened[key]
-                yield _Drop(key)
-            g += nworkers
-
-    def _open(self, order: _EpochOrder, src: _Source, key: tuple[int, int, int], start: int, stop: int | None,
-              worker: int, nworkers: int) -> _Window:
-        """The rows of a window that this worker will deliver, grouped per member in file order."""
-        d, e, win = key
-        lo, hi = order.window_range(win)
-        places = np.arange(lo, hi, dtype=np.int64)
-        q0 = e * src.samples + lo
-        pos = self.mix.positions(d, q0 + places - lo) if len(self.sources) > 1 else q0 + places - lo
-        rel = pos - start
-        chunk = rel // self.batch_size
-        need = (rel >= 0) & (chunk % self.world_size == self.rank)
-        if nworkers > 1:
-            need &= (chunk // self.world_size // self.group) % nworkers == worker
-        if stop is not None:
-            need &= pos < stop
-        places = places[need]
-        members, rows = order.locate(win, places)
-        sort = np.lexsort((rows, members))
-        members, rows, places = members[sort], rows[sort], places[sort]
-        slot_of = np.full(hi - lo, -1, np.int64)
-        slot_of[places - lo] = np.arange(len(places))
-        cuts = np.flatnonzero(np.diff(members)) + 1
-        units = [_Unit(d, int(members[a]), rows[a:b], int(a))
-                 for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(members)]) if b > a]
-        return _Window(key=key, q0=q0, slot_of=slot_of, units=units, n_rows=len(places))
-
     # -- iteration --------------------------------------------------------------------------------------
     def __iter__(self) -> Iterator[torch.Tensor]:
         info = get_worker_info()
@@ -781,6 +764,121 @@ class ShardDataset(IterableDataset):
                 yield item
         finally:
             pipe.close()
+
+
+class _Planner:
+    """One worker's events, in order: open a window (its rows can be fetched), assemble a group,
+    drop a window. Pure computation on the index; whoever consumes the events does the reading."""
+
+    def __init__(self, ds: "ShardDataset", worker: int, nworkers: int):
+        self.ds = ds
+        self.worker = worker
+        self.nworkers = nworkers
+        self.orders: dict = {}
+        self.opened: dict[tuple[int, int, int], _Window] = {}
+        self.latest: dict[int, tuple[int, int, int]] = {}
+
+    def __iter__(self) -> Iterator[_Window | _Batch | _Drop]:
+        ds = self.ds
+        B, w, r, s = ds.batch_size, ds.world_size, ds.rank, ds.group
+        start, stop = ds.start, ds.stop
+        lanes = np.arange(B, dtype=np.int64)
+        g = self.worker
+        while True:
+            chunks = r + w * (g * s + np.arange(s, dtype=np.int64))
+            if stop is not None:
+                chunks = chunks[start + (chunks + 1) * B <= stop]
+                if not len(chunks):
+                    return
+            pos = (start + chunks[:, None] * B + lanes).reshape(-1)
+            parts = self._fast(pos) if len(ds.sources) == 1 else None
+            if isinstance(parts, _Window):  # the group's window has to be opened first
+                yield parts
+                parts = self._fast(pos)
+            if parts is None:
+                parts = yield from self._general(pos)
+            yield _Batch(parts, len(chunks))
+            for key in [k for k in self.opened if self.latest[k[0]] != k]:
+                del self.opened[key]
+                yield _Drop(key)
+            g += self.nworkers
+
+    def _window(self, order: _EpochOrder, src: _Source, key: tuple[int, int, int]) -> tuple[_Window, bool]:
+        window = self.opened.get(key)
+        if window is not None:
+            return window, False
+        window = self.opened[key] = self._open(order, src, key)
+        self.latest[key[0]] = key
+        return window, True
+
+    def _fast(self, pos: np.ndarray) -> list | _Window | None:
+        """The common case in scalar arithmetic: one dataset and the whole group inside one window.
+        Returns the parts, a window to open first, or None (take the general path)."""
+        ds = self.ds
+        src = ds.sources[0]
+        q_lo, q_hi = int(pos[0]), int(pos[-1])
+        e = q_lo // src.samples
+        if q_hi // src.samples != e:
+            return None
+        order = ds._order(self.orders, 0, e)
+        win = order.window_index(q_lo - e * src.samples)
+        if order.window_index(q_hi - e * src.samples) != win:
+            return None
+        window, new = self._window(order, src, (0, e, win))
+        if new:
+            return window
+        if ds.world_size == 1:  # positions are contiguous: a slice, no fancy indexing
+            slots = window.slot_of[q_lo - window.q0 : q_hi + 1 - window.q0]
+        else:
+            slots = window.slot_of[pos - window.q0]
+        return [(window.key, slice(0, len(pos)), slots)]
+
+    def _general(self, pos: np.ndarray):
+        """Any group: split by dataset, then epoch, then window (in runs: positions only increase).
+        Yields the windows to open; returns the parts."""
+        ds = self.ds
+        d_all, q_all = ds.mix.split(pos)
+        parts = []
+        for d, sel in ds._by_dataset(d_all):
+            src = ds.sources[d]
+            q = q_all[sel]
+            for e, es in _runs(q // src.samples):
+                order = ds._order(self.orders, d, e)
+                qe = q[es]
+                for win, ws in _runs(order.window_of(qe - e * src.samples)):
+                    window, new = self._window(order, src, (d, e, win))
+                    if new:
+                        yield window
+                    slots = window.slot_of[qe[ws] - window.q0]
+                    run = slice(es.start + ws.start, es.start + ws.stop)
+                    parts.append((window.key, run if isinstance(sel, slice) else sel[run], slots))
+        return parts
+
+    def _open(self, order: _EpochOrder, src: _Source, key: tuple[int, int, int]) -> _Window:
+        """The rows of a window that this worker will deliver, grouped per member in file order."""
+        ds = self.ds
+        d, e, win = key
+        lo, hi = order.window_range(win)
+        places = np.arange(lo, hi, dtype=np.int64)
+        q0 = e * src.samples + lo
+        pos = ds.mix.positions(d, q0 + places - lo) if len(ds.sources) > 1 else q0 + places - lo
+        rel = pos - ds.start
+        chunk = rel // ds.batch_size
+        need = (rel >= 0) & (chunk % ds.world_size == ds.rank)
+        if self.nworkers > 1:
+            need &= (chunk // ds.world_size // ds.group) % self.nworkers == self.worker
+        if ds.stop is not None:
+            need &= pos < ds.stop
+        places = places[need]
+        members, rows = order.locate(win, places)
+        sort = np.lexsort((rows, members))
+        members, rows, places = members[sort], rows[sort], places[sort]
+        slot_of = np.full(hi - lo, -1, np.int64)
+        slot_of[places - lo] = np.arange(len(places))
+        cuts = np.flatnonzero(np.diff(members)) + 1
+        units = [_Unit(d, int(members[a]), rows[a:b], int(a))
+                 for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(members)]) if b > a]
+        return _Window(key=key, q0=q0, slot_of=slot_of, units=units, n_rows=len(places))
 
 
 def _runs(a: np.ndarray) -> list[tuple[int, slice]]:
@@ -816,7 +914,7 @@ class _Pipeline:
         self.halt = threading.Event()
         self._spare: list[np.ndarray] = []
         self.pool = ThreadPoolExecutor(max_workers=ds.io_threads, thread_name_prefix="shardflow-read")
-        self.thread = threading.Thread(target=self._run, args=(ds._plan(worker, nworkers),),
+        self.thread = threading.Thread(target=self._run, args=(iter(_Planner(ds, worker, nworkers)),),
                                        name="shardflow-loader", daemon=True)
         self.thread.start()
 

@@ -146,9 +146,9 @@ def test_end_to_end_planted_duplicates(storage, records):
     exact_pairs = [(r["meta"]["dup_of"], r["id"]) for r in planted if r["meta"]["planted"] == "exact_dup"]
     assert len(exact_pairs) > 40
     for a, b in exact_pairs:
-        assert (a in drops) != (b in drops), (a, b)
-        loser = a if a in drops else b
-        assert drops[loser] == ("exact", b if loser == a else a)
+        assert a in drops or b in drops, (a, b)
+        assert "exact" in (drops.get(a, ("",))[0], drops.get(b, ("",))[0]), (a, b)
+        assert drops.get(a, (None, b))[1] == b or drops.get(b, (None, a))[1] == a   # same cluster
 
     near = [(r["meta"]["dup_of"], r["id"]) for r in planted if r["meta"]["planted"] == "near_dup"]
     found = 0
@@ -160,15 +160,21 @@ def test_end_to_end_planted_duplicates(storage, records):
             assert hit, (a, b, j)
     assert found >= 0.7 * len(near)
 
-    # No false merge: whatever was dropped is near-identical to its survivor.
+    # No false merge: whatever was dropped is near-identical to its survivor, and an exact drop
+    # has a member of its cluster with the same normalized text.
+    members: dict[str, set[str]] = {}
+    for doc_id, (_, survivor) in drops.items():
+        members.setdefault(survivor, {survivor}).add(doc_id)
     for doc_id, (kind, survivor) in drops.items():
         j = true_jaccard(by_id[doc_id]["text"], by_id[survivor]["text"])
-        assert j >= (0.99 if kind == "exact" else 0.5), (doc_id, survivor, kind, j)
+        assert j >= 0.5, (doc_id, survivor, kind, j)
         if kind == "exact":
-            assert mh.normalize_text(by_id[doc_id]["text"]) == mh.normalize_text(by_id[survivor]["text"])
+            norm = mh.normalize_text(by_id[doc_id]["text"])
+            assert any(mh.normalize_text(by_id[m]["text"]) == norm for m in members[survivor] - {doc_id})
 
     # Kept documents are copied byte for byte; counters and the report agree.
-    out_docs = {d["id"]: d for rec in list_records(storage, "dedup").values() for d in iter_jsonl(storage, rec.outputs["docs"].ref)}
+    out_docs = {d["id"]: d for rec in list_records(storage, "dedup").values()
+                for d in iter_jsonl(storage, rec.outputs["docs"].ref)}
     assert all(out_docs[i] == by_id[i] for i in kept)
     dedup_counts = Counter()
     for rec in list_records(storage, "dedup").values():
@@ -206,7 +212,8 @@ def test_exact_duplicates_within_and_across_shards(local_storage, distinct):
         kind, survivor = drops[loser]
         assert kind == "exact" and {loser, survivor} == {v["id"], orig["id"]}
         s = key([orig["text"], v["text"]])
-        expected_survivor = min((int(s.exact[0]), int(s.text_hash[0]), orig["id"]), (int(s.exact[1]), int(s.text_hash[1]), v["id"]))[2]
+        expected_survivor = min((int(s.exact[0]), int(s.text_hash[0]), orig["id"]),
+                                (int(s.exact[1]), int(s.text_hash[1]), v["id"]))[2]
         assert survivor == expected_survivor
     report = local_storage.read_json(dd.REPORT_REF)
     assert report["cluster_sizes"] == {"2": 6} and report["dropped"] == {"total": 6, "exact": 6, "near": 0}
@@ -378,7 +385,7 @@ def test_clusters_before_buckets_is_a_clear_error(local_storage, distinct):
     r = run_stage(dd.DedupClustersStage(cfg), local_storage)
     assert "run dedup_buckets first" in r["failed"]["_all"]
     r = run_stage(dd.DedupFilterStage(cfg), local_storage)
-    assert "run dedup_clusters first" in r["failed"]["000000"]
+    assert "dedup_clusters first" in r["failed"]["000000"] and "no drop list for shard 000000" in r["failed"]["000000"]
 
 
 # -- switches and config ------------------------------------------------------------------------------------
@@ -389,7 +396,8 @@ def test_exact_only_near_only_and_off(tmp_path, distinct):
     near_text = " ".join(words[: len(words) // 2] + ["zebra"] + words[len(words) // 2 + 1:])
     docs = [a, dict(a, id="exact-copy"), dict(a, id="near-copy", text=near_text)] + [d for d in distinct[:30] if d is not a]
     results = {}
-    for name, kw in {"both": {}, "exact": {"near": False}, "near": {"exact": False}, "off": {"exact": False, "near": False}}.items():
+    switches = {"both": {}, "exact": {"near": False}, "near": {"exact": False}, "off": {"exact": False, "near": False}}
+    for name, kw in switches.items():
         storage = Storage(str(tmp_path / name))
         write_filter_shards(storage, [docs[:15], docs[15:]])
         ran = run_dedup(storage, cfg_with(**kw))

@@ -152,18 +152,54 @@ def _id(loc, rows_per_member=16, samples_per_shard=100):
     return samples_per_shard * int(shard[-10:-4]) + rows_per_member * int(key) + row
 
 
+class _SpyFile:
+    """A file from Storage.open_read that logs (ref, position, bytes) of every read."""
+
+    def __init__(self, f, ref, calls):
+        self.f, self.ref, self.calls, self.pos = f, ref, calls, 0
+
+    def seek(self, pos, whence=0):
+        self.pos = self.f.seek(pos, whence)
+        return self.pos
+
+    def read(self, n=-1):
+        data = self.f.read(n)
+        self.calls.append((self.ref, self.pos, len(data)))
+        self.pos += len(data)
+        return data
+
+    def readinto(self, view):
+        n = self.f.readinto(view)
+        self.calls.append((self.ref, self.pos, n))
+        self.pos += n
+        return n
+
+    def close(self):
+        self.f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 class _CountReads:
-    """Record every Storage.read_range (ref, start, length) in this process."""
+    """Record every byte range read through Storage (range reads and open files) in this process."""
 
     def __init__(self, monkeypatch):
         self.calls = []
-        original = Storage.read_range
+        read_range, open_read = Storage.read_range, Storage.open_read
 
-        def spy(st, ref, start, length):
+        def spy_range(st, ref, start, length):
             self.calls.append((ref, start, length))
-            return original(st, ref, start, length)
+            return read_range(st, ref, start, length)
 
-        monkeypatch.setattr(Storage, "read_range", spy)
+        def spy_open(st, ref, *a, **kw):
+            return _SpyFile(open_read(st, ref, *a, **kw), ref, self.calls)
+
+        monkeypatch.setattr(Storage, "read_range", spy_range)
+        monkeypatch.setattr(Storage, "open_read", spy_open)
 
     def rows(self, index):
         """(shard, member key, row) of every row byte read (tar/.npy header reads excluded)."""

@@ -330,3 +330,17 @@ def test_launch_json_is_private_and_round_trips_secrets(tmp_path):
     train_cfg, storage_cfg = load_train_config(json_path=path)
     assert train_cfg == cfg and storage_cfg.secret.get_secret_value() == "s3cr3t"
     assert storage_cfg.key.get_secret_value() == "AKIA"
+
+
+def test_gpu_benchmark_runs_its_tiny_cpu_variant():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "train_gpu.py"
+    spec = importlib.util.spec_from_file_location("shardflow_bench_train_gpu", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    res = bench.main(["--tiny", "--steps", "2", "--grad-accum", "2"])
+    assert res["tokens_per_s"] > 0 and res["mfu"] is None and res["dtype"] == "fp32"
+    assert res["train_flops_per_token"] == bench.ModelConfig(**bench.TINY).flops_per_token(64)
+    one_b = bench.ModelConfig(**bench.ONE_B)
+    assert 0.95e9 < one_b.num_params() < 1.1e9 and one_b.n_experts == 8 and one_b.top_k == 2
