@@ -38,10 +38,10 @@ from shardflow.train.trainer import optimizer_step  # noqa: E402
 
 H100_SXM_BF16_TFLOPS = 989.0
 
-ONE_B = dict(vocab_size=32768, dim=1024, n_layers=16, n_heads=16, n_kv_heads=4, n_experts=8, top_k=2,
-             expert_hidden=2304, max_seq_len=2048)
-TINY = dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, n_experts=4, top_k=2,
-            expert_hidden=128, dense_hidden=128, max_seq_len=128)
+ONE_B = {"vocab_size": 32768, "dim": 1024, "n_layers": 16, "n_heads": 16, "n_kv_heads": 4, "n_experts": 8,
+         "top_k": 2, "expert_hidden": 2304, "max_seq_len": 2048}
+TINY = {"vocab_size": 512, "dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "n_experts": 4, "top_k": 2,
+        "expert_hidden": 128, "dense_hidden": 128, "max_seq_len": 128}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -3,9 +3,10 @@
 Filters and dedup compare text, so invisible differences (a BOM, a zero-width space, NFD accents,
 trailing blanks, CRLF) would make equal documents look different and skew every ratio. The step
 is built once from :class:`CleanConfig` (every regex compiled here, never per document) and runs, in
-order: mojibake repair (optional, ftfy) → Unicode normalization → control/invisible character
-removal → line breaks and whitespace normalization → boilerplate line removal → blank-line cap → PII masking →
-minimum length. ASCII text skips the Unicode work (``str.isascii`` is O(1) in CPython).
+order: line breaks → mojibake repair (optional, ftfy) → Unicode normalization → control and
+invisible character removal → blank normalization → boilerplate line removal → blank-line cap →
+PII masking → minimum length. ASCII text skips the Unicode work (``str.isascii`` is O(1) in
+CPython), and cheap substring tests skip every regex pass that would find nothing.
 
 Zero-width (non-)joiners (U+200C/U+200D) are kept: they are spelling in Persian and Indic scripts
 and glue emoji sequences.
@@ -32,8 +33,8 @@ _UNICODE_SPACES = "\u00a0\u1680\u2000-\u200a\u202f\u205f\u3000"
 # Line breaks other than \n: CR LF, CR, VT, FF, NEL, line and paragraph separators.
 _LINE_BREAKS = re.compile(r"\r\n?|[\x0b\x0c\x85\u2028\u2029]")
 _LINE_BREAK_CHARS = ("\r", "\x0b", "\x0c", "\x85", "\u2028", "\u2029")
-# Every pattern below starts with a character class or literal, so the regex engine scans for it
-# at C speed instead of trying each position (a leading lookbehind would defeat that).
+# Patterns that run on most texts start with a character class or literal, so the regex engine
+# scans for it at C speed instead of trying each position (a leading lookbehind defeats that).
 _TRAILING_WS = re.compile(r"[ \t]+(?=\n|\Z)")
 _LEADING_WS = re.compile(r"(?m)^[ \t]+")
 # A run after a non-blank character: a tab, or two or more blanks (leading indentation untouched).

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+import re
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any, Callable
@@ -59,14 +60,23 @@ def excerpt(raw: bytes | str) -> str:
 _TRUNCATION_MARKS = ("truncated", "ended before", "end-of-stream", "eoferror", "ends inside", "unexpected end")
 
 
-def stream_error_reason(exc: CorruptInputError) -> str:
-    """``truncated_stream`` when the data just stops, ``corrupt_stream`` when it is not what it claims.
+# Decoder errors that mean the bytes are bad (as opposed to an I/O failure reading them).
+_DATA_ERRORS = ("ZstdError", "BadGzipFile", "error", "EOFError")
+_CAUSE = re.compile(r"\((\w+): ")
 
-    Only the underlying error (in parentheses after iter_lines' generic "corrupt or truncated ..."
-    prefix) is looked at.
+
+def stream_error_reason(exc: CorruptInputError) -> str | None:
+    """``truncated_stream`` when the data just stops, ``corrupt_stream`` when it is not what it
+    claims, None when the cause was an I/O error (network, disk), which must fail the shard so it
+    is retried rather than record a good file as damaged.
+
+    iter_lines reports the cause in its message, "corrupt or truncated <kind> stream (<Type>: ...)";
+    only that part is looked at.
     """
-    msg = exc.reason.lower()
-    detail = msg.split("(", 1)[1] if "(" in msg else msg
+    m = _CAUSE.search(exc.reason)
+    if m is None or m.group(1) not in _DATA_ERRORS:
+        return None
+    detail = exc.reason[m.start():].lower()
     return "truncated_stream" if any(t in detail for t in _TRUNCATION_MARKS) else "corrupt_stream"
 
 
@@ -159,7 +169,6 @@ def _jsonl_documents(storage: Storage, uri: str, builder: _Builder) -> Iterator[
     """(records seen so far, document or None) per non-blank line."""
     n = 0
     loads, build, reject = _json_loads, builder.build, builder.reject
-    lineno = 0
     try:
         for lineno, raw in iter_lines(storage, uri, builder.max_bytes):
             n += 1
@@ -181,8 +190,11 @@ def _jsonl_documents(storage: Storage, uri: str, builder: _Builder) -> Iterator[
                 continue
             yield n, build(obj, lineno, raw)
     except CorruptInputError as exc:
+        reason = stream_error_reason(exc)
+        if reason is None:
+            raise
         n += 1
-        reject(exc.line, stream_error_reason(exc), str(exc))
+        reject(exc.line, reason, str(exc))
         yield n, None
 
 

@@ -50,40 +50,48 @@ class LoaderConfig(_Section):
 
 
 class OptimConfig(_Section):
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
+    """AdamW and its warmup + cosine schedule (``train.optim``)."""
+
+    lr: float = Field(3e-3, gt=0, description="Peak learning rate, reached at the end of warmup.")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine floor as a fraction of lr, reached at trainer.steps.")
+    weight_decay: float = Field(0.1, ge=0, description="Decoupled decay of matrices; never norms, biases, embeddings.")
     betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    warmup_steps: int = 20
-    grad_clip: float = 1.0
+    eps: float = Field(1e-8, gt=0)
+    warmup_steps: int = Field(20, ge=0, description="Linear warmup from lr/warmup_steps to lr.")
+    grad_clip: float = Field(1.0, ge=0, description="Max global gradient norm; 0 = no clipping (the norm is still logged).")
     fused: bool | None = Field(None, description="Fused AdamW; None = when available on the device.")
 
 
 class CheckpointConfig(_Section):
-    every_steps: int = 100
-    keep_last: int = 3
-    enabled: bool = True
+    """DCP checkpoints under ``runs/<run>/checkpoints/`` (``train.checkpoint``)."""
+
+    every_steps: int = Field(100, ge=0, description="Save every N optimizer steps (and always at the last step); 0 = last only.")
+    keep_last: int = Field(3, ge=0, description="Committed checkpoints kept; older ones are deleted after a newer is published. 0 = all.")
+    enabled: bool = Field(True, description="Off: neither save nor resume.")
 
 
 class TrainerConfig(_Section):
-    steps: int = 200
-    grad_accum: int = 1
-    parallelism: Literal["ddp", "fsdp"] = "ddp"
-    dtype: Literal["auto", "fp32", "bf16"] = "auto"
-    compile: bool = False
-    activation_checkpointing: bool = False
-    log_every: int = 10
-    eval_every: int = 0
-    eval_batches: int = 20
-    seed: int = 0
+    """The training loop (``train.trainer``)."""
+
+    steps: int = Field(200, ge=1, description="Optimizer steps of the run; the schedule is planned for this many.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches (of data.batch_size per rank) per optimizer step.")
+    parallelism: Literal["ddp", "fsdp"] = Field("ddp", description="Under torchrun: DDP (replicated) or FSDP2 (sharded).")
+    dtype: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on GPU, fp32 on CPU.")
+    compile: bool = Field(False, description="torch.compile each transformer block.")
+    activation_checkpointing: bool = Field(False, description="Recompute block activations in backward (memory for compute).")
+    log_every: int = Field(10, ge=1, description="Console line (without tqdm) and metrics upload cadence, in steps.")
+    eval_every: int = Field(0, ge=0, description="Validation loss every N steps on the val split; 0 = never.")
+    eval_batches: int = Field(20, ge=1, description="Batches per rank per validation.")
+    seed: int = Field(0, ge=0, description="Initial weights and the per-rank random streams.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    deterministic: bool = True
-    progress: bool = True
+    deterministic: bool = Field(True, description="torch.use_deterministic_algorithms during training (exact resume).")
+    progress: bool = Field(True, description="Rank 0 console progress (tqdm when installed).")
 
 
 class TrainConfig(_Section):
-    run: str = "demo"
+    """The ``train`` section: run name, model, data, optimizer, loop, checkpoints."""
+
+    run: str = Field("demo", pattern=r"^[A-Za-z0-9_.\-]+$", description="Run name: runs/<run>/ under the dataset root.")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: LoaderConfig = Field(default_factory=LoaderConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)

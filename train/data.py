@@ -74,7 +74,7 @@ NO_DIGEST = "sha256:unknown"
 _TOKEN_EXT = "tokens.npy"
 _ALLOWED_EXT = {"tokens.npy", "docs.npy", "meta.json"}
 _MAX_PENDING_EVENTS = 1024
-GROUP_TOKENS = int(os.environ.get('SF_GT', 1 << 18))
+GROUP_TOKENS = 1 << 18
 MAX_GROUP = 64
 """Default size of a group of batches assembled and handed over together (see ShardDataset):
 about GROUP_TOKENS tokens, at most MAX_GROUP batches (short rows must not make the first batch wait)."""
@@ -207,17 +207,23 @@ class _EpochOrder:
                 self._wperm.popitem(last=False)
         return perm
 
-    def locate(self, w: int, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(member, row) of epoch places ``p``, all inside window ``w``."""
-        lo = self.bounds[w]
-        o = p - lo
-        if self.shuffle:
-            o = self._window_perm(w)[o]
+    def offsets(self, w: int, p: np.ndarray) -> np.ndarray:
+        """Where epoch places ``p`` (inside window ``w``) are in the window's rows, which are its
+        members' rows concatenated in permuted member order."""
+        o = p - self.bounds[w]
+        return self._window_perm(w)[o] if self.shuffle else o
+
+    def members(self, w: int, o: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(member, row) of window offsets ``o``."""
         m0 = w * self.window
         m1 = min(m0 + self.window, len(self.perm))
         local = self.cum[m0 : m1 + 1] - self.cum[m0]
         j = np.searchsorted(local, o, side="right") - 1
         return self.perm[m0 + j], o - local[j]
+
+    def locate(self, w: int, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(member, row) of epoch places ``p``, all inside window ``w``."""
+        return self.members(w, self.offsets(w, p))
 
 
 class _MixSchedule:
@@ -855,7 +861,7 @@ class _Planner:
         return parts
 
     def _open(self, order: _EpochOrder, src: _Source, key: tuple[int, int, int]) -> _Window:
-        """The rows of a window that this worker will deliver, grouped per member in file order."""
+        """The rows of a window that this worker will deliver, grouped per member."""
         ds = self.ds
         d, e, win = key
         lo, hi = order.window_range(win)
@@ -869,16 +875,23 @@ class _Planner:
             need &= (chunk // ds.world_size // ds.group) % self.nworkers == self.worker
         if ds.stop is not None:
             need &= pos < ds.stop
-        places = places[need]
-        members, rows = order.locate(win, places)
-        sort = np.lexsort((rows, members))
-        members, rows, places = members[sort], rows[sort], places[sort]
-        slot_of = np.full(hi - lo, -1, np.int64)
-        slot_of[places - lo] = np.arange(len(places))
+        # Slots in window-offset order, which groups the rows per member (in row order) with no
+        # sort: mark the wanted offsets, number them by a running count.
+        if need.all():
+            slot_of = order.offsets(win, places)
+            wanted = np.arange(hi - lo, dtype=np.int64)
+        else:
+            o = order.offsets(win, places[need])
+            mark = np.zeros(hi - lo, dtype=bool)
+            mark[o] = True
+            wanted = np.flatnonzero(mark)
+            slot_of = np.full(hi - lo, -1, np.int64)
+            slot_of[places[need] - lo] = (np.cumsum(mark) - 1)[o]
+        members, rows = order.members(win, wanted)
         cuts = np.flatnonzero(np.diff(members)) + 1
         units = [_Unit(d, int(members[a]), rows[a:b], int(a))
                  for a, b in zip(np.r_[0, cuts], np.r_[cuts, len(members)]) if b > a]
-        return _Window(key=key, q0=q0, slot_of=slot_of, units=units, n_rows=len(places))
+        return _Window(key=key, q0=q0, slot_of=slot_of, units=units, n_rows=len(wanted))
 
 
 def _runs(a: np.ndarray) -> list[tuple[int, slice]]:
@@ -903,17 +916,23 @@ class _Failure:
 
 
 class _Pipeline:
-    """One worker's threads: a producer that plans, fetches ahead (pool) and assembles groups."""
+    """One worker's threads, three stages deep: the producer walks the plan and keeps up to
+    ``prefetch_members`` member reads ahead (io pool); one assembler thread gathers each group
+    from its windows' buffers, widening to int64; the consumer takes finished groups in order."""
 
     def __init__(self, ds: ShardDataset, sources: list[_Source], worker: int, nworkers: int, wide: bool):
         self.ds = ds
         self.wide = wide
+        self.row_len = ds.seq_len + 1
+        self.dtype = sources[0].dtype
         cache = _MemberCache(ds.cache_dir, ds.cache_limit_bytes) if ds.cache_dir else None
         self.reader = _Reader(sources, ds.verify_digests, ds.coalesce_gap_bytes, cache)
         self.out: queue.Queue = queue.Queue(maxsize=max(2, -(-ds.prefetch_batches // ds.group)))
         self.halt = threading.Event()
         self._spare: list[np.ndarray] = []
+        self._spare_lock = threading.Lock()
         self.pool = ThreadPoolExecutor(max_workers=ds.io_threads, thread_name_prefix="shardflow-read")
+        self.assembler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardflow-assemble")
         self.thread = threading.Thread(target=self._run, args=(iter(_Planner(ds, worker, nworkers)),),
                                        name="shardflow-loader", daemon=True)
         self.thread.start()
@@ -922,14 +941,17 @@ class _Pipeline:
         item = self.out.get()
         if isinstance(item, _Failure):
             raise item.exc
-        return item
+        return item.result() if isinstance(item, Future) else item
 
     def close(self) -> None:
         self.halt.set()
         with contextlib.suppress(queue.Empty):
             while True:
-                self.out.get_nowait()
+                item = self.out.get_nowait()
+                if isinstance(item, Future):
+                    item.cancel()
         self.thread.join(timeout=30)
+        self.assembler.shutdown(wait=True, cancel_futures=True)
         self.pool.shutdown(wait=True, cancel_futures=True)
 
     def _put(self, item: Any) -> bool:
@@ -948,48 +970,12 @@ class _Pipeline:
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
             self._put(_Failure(exc))
 
-    def _alloc(self, n: int, row_len: int, dtype: np.dtype) -> torch.Tensor:
-        if self.wide and self.ds.pin_memory:
-            return torch.empty((n, row_len), dtype=torch.int64, pin_memory=True)
-        # numpy's allocator, not torch.empty: torch advises huge pages for large CPU tensors, and
-        # faulting those in costs more than filling them.
-        return torch.from_numpy(np.empty((n, row_len), dtype=np.int64 if self.wide else dtype))
-
-    def _window_buffer(self, n: int, row_len: int, dtype: np.dtype) -> np.ndarray:
-        """Reuse the buffers of dropped windows (all about the same size): fresh multi-MiB arrays
-        are page-faulted in on first touch, which costs as much as the copy into them."""
-        for i, buf in enumerate(self._spare):
-            if buf.shape[0] >= n:
-                del self._spare[i]
-                return buf[:n]
-        return np.empty((max(n, 1), row_len), dtype=dtype)[:n]
-
-    def _recycle(self, win: _Window) -> None:
-        if win.buf is not None and len(self._spare) < 4:
-            base = win.buf.base if win.buf.base is not None else win.buf
-            self._spare.append(base)
-        win.buf = None
-
-    @staticmethod
-    def _gather(out: np.ndarray, idx: slice | np.ndarray, buf: np.ndarray, slots: np.ndarray) -> None:
-        """out[idx] = buf[slots], widening; in cache-sized chunks so that the gathered rows are
-        still in cache when they are widened (one pass over memory instead of two)."""
-        if not isinstance(idx, slice):
-            out[idx] = buf[slots]
-            return
-        step = max(1, (256 << 10) // (buf.shape[1] * buf.itemsize))
-        for a in range(0, len(slots), step):
-            b = min(a + step, len(slots))
-            np.copyto(out[idx.start + a : idx.start + b], buf[slots[a:b]])
-
     def _produce(self, plan: Iterator[_Window | _Batch | _Drop]) -> None:
         ds = self.ds
         pending: collections.deque = collections.deque()
         windows: dict[tuple[int, int, int], _Window] = {}
         ahead = 0  # members requested for windows the groups have not reached yet
         exhausted = False
-        row_len = ds.seq_len + 1
-        dtype = self.reader.sources[0].dtype
         while not self.halt.is_set():
             while not exhausted and ahead < ds.prefetch_members and len(pending) < _MAX_PENDING_EVENTS:
                 ev = next(plan, None)
@@ -997,7 +983,7 @@ class _Pipeline:
                     exhausted = True
                     break
                 if isinstance(ev, _Window):
-                    ev.buf = self._window_buffer(ev.n_rows, row_len, dtype)
+                    ev.buf = self._window_buffer(ev.n_rows)
                     ev.futures = [self.pool.submit(self.reader.fetch, u, ev.buf) for u in ev.units]
                     ahead += len(ev.units)
                 pending.append(ev)
@@ -1008,21 +994,55 @@ class _Pipeline:
                 ahead -= len(ev.units)
                 windows[ev.key] = ev
             elif isinstance(ev, _Drop):
-                win = windows.pop(ev.key, None)
-                if win is not None and win.ready:
-                    self._recycle(win)
-            else:
-                group = self._alloc(ev.n * ds.batch_size, row_len, dtype)
-                out = group.numpy()
-                for key, idx, slots in ev.parts:
-                    win = windows[key]
-                    if not win.ready:
-                        for fut in win.futures:
-                            fut.result()
-                        win.ready = True
-                    self._gather(out, idx, win.buf, slots)
-                if not self._put(group.view(ev.n, ds.batch_size, row_len)):
-                    return
+                # after the assembler is done with it (it runs its jobs in order)
+                self.assembler.submit(self._recycle, windows.pop(ev.key))
+            elif not self._put(self.assembler.submit(self._assemble, ev, [windows[key] for key, _, _ in ev.parts])):
+                return
+
+    def _assemble(self, ev: _Batch, wins: list[_Window]) -> torch.Tensor:
+        n = ev.n * self.ds.batch_size
+        if self.wide and self.ds.pin_memory:
+            group = torch.empty((n, self.row_len), dtype=torch.int64, pin_memory=True)
+        else:
+            # numpy's allocator, not torch.empty: torch advises huge pages for large CPU tensors,
+            # and faulting those in costs more than filling them.
+            group = torch.from_numpy(np.empty((n, self.row_len), dtype=np.int64 if self.wide else self.dtype))
+        out = group.numpy()
+        for win, (_, idx, slots) in zip(wins, ev.parts):
+            for fut in win.futures:
+                fut.result()
+            _gather(out, idx, win.buf, slots)
+        return group.view(ev.n, self.ds.batch_size, self.row_len)
+
+    def _window_buffer(self, n: int) -> np.ndarray:
+        """Reuse the buffers of dropped windows (all about the same size): fresh multi-MiB arrays
+        are page-faulted in on first touch, which costs as much as the copy into them."""
+        with self._spare_lock:
+            for i, buf in enumerate(self._spare):
+                if buf.shape[0] >= n:
+                    del self._spare[i]
+                    return buf[:n]
+        return np.empty((max(n, 1), self.row_len), dtype=self.dtype)[:n]
+
+    def _recycle(self, win: _Window) -> None:
+        if win.buf is not None and all(f.done() for f in win.futures):
+            base = win.buf.base if win.buf.base is not None else win.buf
+            with self._spare_lock:
+                if len(self._spare) < 4:
+                    self._spare.append(base)
+        win.buf = None
+
+
+def _gather(out: np.ndarray, idx: slice | np.ndarray, buf: np.ndarray, slots: np.ndarray) -> None:
+    """out[idx] = buf[slots], widening; in cache-sized chunks so that the gathered rows are still
+    in cache when they are widened (one pass over memory instead of two)."""
+    if not isinstance(idx, slice):
+        out[idx] = buf[slots]
+        return
+    step = max(1, (256 << 10) // (buf.shape[1] * buf.itemsize))
+    for a in range(0, len(slots), step):
+        b = min(a + step, len(slots))
+        np.copyto(out[idx.start + a : idx.start + b], buf[slots[a:b]])
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -27,7 +27,7 @@ class DistEnv:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     owns_group: bool = False
 
     @property
@@ -57,14 +57,6 @@ class DistEnv:
         dist.broadcast_object_list(box, src=src)
         return box[0]
 
-    def all_ok(self, ok: bool) -> bool:
-        """True on every rank iff ``ok`` on every rank: lets one rank's failure stop all of them."""
-        if not self.distributed:
-            return ok
-        t = torch.tensor([0 if ok else 1], dtype=torch.int32, device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return int(t.item()) == 0
-
 
 def _env_int(name: str, default: int) -> int:
     raw = os.environ.get(name)
@@ -93,7 +85,6 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistEnv
     on the respective device.
     """
     world = _env_int("WORLD_SIZE", 1)
-    rank = _env_int("RANK", 0)
     local_rank = _env_int("LOCAL_RANK", 0)
     dev = select_device(device, local_rank)
     if dev.type == "cuda":
@@ -136,11 +127,11 @@ def wrap_model(model: nn.Module, env: DistEnv, parallelism: Parallelism,
     if not env.distributed:
         return model
     if parallelism == "ddp":
+        import inspect
+
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         # Buffers (RoPE tables) are identical on every rank by construction: no per-step broadcast.
-        import inspect
-
         no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DDP).parameters
                           else {"broadcast_buffers": False})
         return DDP(model, device_ids=[env.device.index] if env.device.type == "cuda" else None, **no_buffer_sync)
@@ -157,11 +148,6 @@ def wrap_model(model: nn.Module, env: DistEnv, parallelism: Parallelism,
         fully_shard(model, mesh=mesh, mp_policy=mp)
         return model
     raise ValueError(f"parallelism must be 'ddp' or 'fsdp', got {parallelism!r}")
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The user module under a DDP wrapper (FSDP2 modifies the module in place: nothing to unwrap)."""
-    return getattr(model, "module", model)
 
 
 def set_grad_sync(model: nn.Module, enabled: bool):

@@ -75,7 +75,7 @@ class MetricsLog:
         if not self._local:
             with open(path, "wb") as f:
                 f.write(body)
-        self._f = open(path, "ab")
+        self._f = open(path, "ab")  # noqa: SIM115 — held open for the run, closed by close()
         self.lines = len(kept)
         return self.lines
 

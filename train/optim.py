@@ -46,7 +46,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
     Either is deterministic; they differ from each other in the last bits, so a run keeps one.
     """
     groups = param_groups(model, cfg.weight_decay)
-    kw = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    kw = {"lr": cfg.lr, "betas": tuple(cfg.betas), "eps": cfg.eps}
     if cfg.fused is False:
         return torch.optim.AdamW(groups, foreach=True, **kw)
     try:
@@ -71,7 +71,7 @@ class WarmupCosine:
     min_lr_ratio: float
 
     @classmethod
-    def from_config(cls, cfg: OptimConfig, total_steps: int) -> "WarmupCosine":
+    def from_config(cls, cfg: OptimConfig, total_steps: int) -> WarmupCosine:
         return cls(cfg.lr, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
 
     def lr_at(self, step: int) -> float:

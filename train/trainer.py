@@ -35,9 +35,9 @@ import torch
 from shardflow.storage import Storage, StorageConfig
 from shardflow.storage.shards import ShardIndexError, read_index
 
-from .checkpoint import CheckpointError, Checkpointer, capture_rng, restore_rng, run_ref
+from .checkpoint import Checkpointer, CheckpointError, capture_rng, model_config_digest, restore_rng, run_ref
 from .config import TrainConfig
-from .distributed import DistEnv, autocast_dtype, init_distributed, set_grad_sync, teardown, unwrap, wrap_model
+from .distributed import DistEnv, autocast_dtype, init_distributed, set_grad_sync, teardown, wrap_model
 from .metrics import MetricsLog, Progress
 from .model import MoETransformer
 from .optim import WarmupCosine, build_optimizer
@@ -218,8 +218,7 @@ class Trainer:
         self.model_config = cfg.model.model_dump(mode="json")
 
         seed_all(tc.seed)  # identical initial weights on every rank (FSDP2 does not broadcast them)
-        model = MoETransformer(cfg.model, activation_checkpointing=tc.activation_checkpointing)
-        self.raw_model = model.to(self.device)
+        model = MoETransformer(cfg.model, activation_checkpointing=tc.activation_checkpointing).to(self.device)
         self.n_params, self.n_active = cfg.model.num_params(), cfg.model.num_active_params()
         if tc.compile:
             for block in model.blocks:  # per block: small graphs, shared by all layers
@@ -241,7 +240,7 @@ class Trainer:
     def _meta(self, step: int, tokens: int) -> dict[str, Any]:
         return {
             "model_config": self.model_config,
-            "model_config_digest": _digest(self.model_config),
+            "model_config_digest": model_config_digest(self.model_config),
             "data": {k: self.index[k] for k in ("tokenizer_digest", "vocab_size", "seq_len", "eos_id")},
             "parallelism": self.cfg.trainer.parallelism,
             "loader": self.loader.state_dict(),
@@ -339,8 +338,8 @@ class Trainer:
                 tokens += step_tokens
                 dt = time.perf_counter() - t0
                 rec = {"step": step, "loss": st["loss"], "aux_loss": st["aux_loss"], "z_loss": st["z_loss"],
-                       "lr": lr, "grad_norm": st["grad_norm"], "tokens": tokens,
-                       "tokens_per_s": step_tokens / dt, "step_time_s": dt, "expert_tokens": st["expert_tokens"], "dropped_tokens": st["dropped_tokens"]}
+                       "lr": lr, "grad_norm": st["grad_norm"], "tokens": tokens, "tokens_per_s": step_tokens / dt,
+                       "step_time_s": dt, "expert_tokens": st["expert_tokens"], "dropped_tokens": st["dropped_tokens"]}
                 if tc.eval_every > 0 and step % tc.eval_every == 0:
                     rec["val_loss"] = self.evaluate(tc.eval_batches)
                 self.metrics.append(rec)
@@ -370,12 +369,6 @@ class Trainer:
             "metrics": self.storage.uri(self.metrics.ref),
             "wall_time_s": time.perf_counter() - t_start,
         }
-
-
-def _digest(obj: Any) -> str:
-    from .checkpoint import model_config_digest
-
-    return model_config_digest(obj)
 
 
 def train(cfg: TrainConfig, storage: Storage | StorageConfig, *, max_steps: int | None = None) -> dict[str, Any]:

@@ -219,3 +219,24 @@ def test_forced_format_overrides_extension(local_storage):
     local_storage.write_bytes("in/data.txt", _jsonl_bytes([json.dumps(GOOD).encode()]))
     docs, _, _ = _read(local_storage, "in/data.txt", ReadConfig(format="jsonl"))
     assert [d["id"] for d in docs] == ["a"]
+
+
+def test_io_error_while_reading_fails_instead_of_quarantining(local_storage, monkeypatch):
+    """A network/disk error is not bad data: the shard must fail (and be retried), not record the
+    file as damaged."""
+    import io
+
+    from shardflow.storage.jsonl import CorruptInputError
+
+    data = zstandard.ZstdCompressor().compress(_jsonl_bytes([json.dumps(GOOD).encode()] * 1000))
+    local_storage.write_bytes("in/net.jsonl.zst", data)
+
+    class Flaky(io.BytesIO):
+        def read(self, n=-1):
+            if self.tell() > len(data) // 2:
+                raise ConnectionResetError("connection reset by peer")
+            return super().read(min(n, 256) if n and n > 0 else 256)
+
+    monkeypatch.setattr(local_storage, "open_read", lambda ref, block_size=None: Flaky(data))
+    with pytest.raises(CorruptInputError, match="ConnectionResetError"):
+        _read(local_storage, "in/net.jsonl.zst")

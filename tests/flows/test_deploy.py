@@ -107,7 +107,17 @@ def test_gpu_job_template_requests_gpus_and_declares_its_variables():
     assert "torch.distributed.run" in tpl["variables"]["description"]
 
 
+def _fastapi_rejects_prefect_nulls() -> bool:
+    """fastapi >= 0.151 answers 422 to the explicit ``null`` limit/offset that Prefect 3.8's client
+    sends in some calls (``prefect deploy`` reading a pool's workers among them)."""
+    import fastapi
+
+    return tuple(int(x) for x in fastapi.__version__.split(".")[:2]) >= (0, 151)
+
+
 @pytest.mark.usefixtures("prefect_server")
+@pytest.mark.xfail(_fastapi_rejects_prefect_nulls(), strict=True, raises=AssertionError,
+                   reason="fastapi>=0.151 rejects the null limit/offset `prefect deploy` sends (pin fastapi<0.151)")
 def test_prefect_yaml_deploys_to_work_pools(tmp_path):
     """`prefect deploy --all` with the project's prefect.yaml, against pools made from the template."""
     from prefect.client.orchestration import get_client

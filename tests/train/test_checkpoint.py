@@ -12,8 +12,8 @@ import torch
 from shardflow.storage import Storage
 from shardflow.storage.shards import INDEX_REF, write_index
 from shardflow.train.checkpoint import (
-    CheckpointError,
     Checkpointer,
+    CheckpointError,
     _MetadataUnpickler,
     capture_rng,
     load_model_weights,
@@ -25,7 +25,14 @@ from shardflow.train.model import MoETransformer
 from shardflow.train.optim import build_optimizer
 from shardflow.train.trainer import train
 
-from .test_trainer import STEP_KEYS, build_dataset, copy_dataset, metrics_ref, tiny_cfg
+from .test_trainer import (
+    STEP_KEYS,
+    build_dataset,
+    copy_dataset,
+    metrics_ref,
+    one_thread,  # noqa: F401 — autouse fixture: one intra-op thread here too
+    tiny_cfg,
+)
 
 
 @pytest.fixture(scope="module")
