@@ -81,7 +81,7 @@ def ensure_datatrove_venv(path: str) -> str:
     py = os.path.join(path, "bin", "python")
     if not os.path.exists(py):
         subprocess.run([sys.executable, "-m", "venv", path], check=True)
-        subprocess.run([py, "-m", "pip", "install", "-q", "datatrove[processing]", "spacy"], check=True)
+        subprocess.run([py, "-m", "pip", "install", "-q", "datatrove[processing]", "spacy", "orjson", "zstandard"], check=True)
     return py
 
 

@@ -57,7 +57,7 @@ _IPV6 = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{1,4}:|:)(?:[0-9A-Fa-f]{0,4}:){1,7
 _GLOBAL_FLAGS = re.compile(r"^\(\?[aiLmsux]+\)")
 
 
-def _line_screen(pattern: str) -> Callable[[str], bool]:
+class _LineScreen:
     """A one-pass test of a whole text that is true whenever some line may match ``pattern``.
 
     Patterns are meant per line; the screen lets the common case (no line matches) skip the
@@ -65,13 +65,15 @@ def _line_screen(pattern: str) -> Callable[[str], bool]:
     so that the engine jumps from newline to newline instead of testing ``^`` at every character.
     It may say yes when no line matches (the per-line loop then decides), never the reverse.
     """
-    m = _GLOBAL_FLAGS.match(pattern)
-    flags, rest = (m.group(0), pattern[m.end():]) if m else ("", pattern)
-    if rest.startswith("^"):
-        anchored = re.compile(flags + r"\n" + rest[1:], re.MULTILINE)
-        return lambda text: anchored.search("\n" + text) is not None
-    plain = re.compile(pattern, re.MULTILINE)
-    return lambda text: plain.search(text) is not None
+
+    def __init__(self, pattern: str):
+        m = _GLOBAL_FLAGS.match(pattern)
+        flags, rest = (m.group(0), pattern[m.end():]) if m else ("", pattern)
+        self._anchored = rest.startswith("^")
+        self._regex = re.compile(flags + r"\n" + rest[1:] if self._anchored else pattern, re.MULTILINE)
+
+    def __call__(self, text: str) -> bool:
+        return self._regex.search("\n" + text if self._anchored else text) is not None
 
 
 class Cleaner:
@@ -96,7 +98,7 @@ class Cleaner:
         self._newlines = re.compile("\n{%d,}" % (cfg.max_newlines + 1))
         self._nl_run = "\n" * (cfg.max_newlines + 1)
         self._boilerplate = [re.compile(p) for p in cfg.boilerplate_patterns] if cfg.remove_boilerplate_lines else []
-        self._boilerplate_screen = [_line_screen(p) for p in cfg.boilerplate_patterns] if self._boilerplate else []
+        self._boilerplate_screen = [_LineScreen(p) for p in cfg.boilerplate_patterns] if self._boilerplate else []
         self._email_repl = cfg.email_replacement
         self._ip_repl = cfg.ip_replacement
 

@@ -3,7 +3,8 @@
 ``clean`` maps each input file (one shard per file) through read → clean and is the only place
 raw input is parsed: its output is trusted JSONL that every later stage reads without checks.
 ``filter`` maps each clean shard through language ID → Gopher quality → Gopher repetition → C4 →
-FineWeb. They are separate stages so that tuning a filter threshold re-runs only ``filter`` (its
+FineWeb. Stage objects hold only their config and plain filter objects, so they pickle (process
+pools, Prefect/Ray task runners); compiled steps are built inside :meth:`process`. They are separate stages so that tuning a filter threshold re-runs only ``filter`` (its
 config digest covers the filter section alone), never the parse of the raw corpus.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections import Counter
 from shardflow.storage import Storage, digest_json
 from shardflow.storage.jsonl import JsonlWriter, iter_jsonl
 
-from .clean import clean_step
+from .clean import Cleaner, clean_step
 from .config import PrepConfig
 from .langid import language_step
 from .quality import OnDrop, filter_step, quality_filters
@@ -51,7 +52,8 @@ class CleanStage:
 
     def __init__(self, cfg: PrepConfig):
         self.cfg = cfg
-        self._step = clean_step(cfg.clean) if cfg.clean.enabled else None
+        if cfg.clean.enabled:
+            Cleaner(cfg.clean)  # fail now on a bad config, not in the first shard
 
     def shards(self, storage: Storage) -> list[ShardSpec]:
         return input_shards(storage, self.cfg.inputs)
@@ -78,8 +80,8 @@ class CleanStage:
                     log.warning("quarantined %s:%d: %s", file, line, reason)
 
             docs = read_documents(storage, uri, self.cfg.read, counters, quarantine)
-            if self._step is not None:
-                docs = self._step(docs, counters)
+            if self.cfg.clean.enabled:
+                docs = clean_step(self.cfg.clean)(docs, counters)
             _write_docs(dw, docs, counters)
         if logged >= _LOGGED_QUARANTINES:
             log.warning("%s: %d records quarantined in all (see %s)", uri, qw.count, quarantine_ref)

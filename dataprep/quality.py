@@ -20,7 +20,7 @@ import re
 from bisect import bisect_right
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from itertools import accumulate, compress
+from itertools import accumulate, compress, filterfalse
 from operator import mul
 
 from .config import C4Config, FineWebConfig, GopherQualityConfig, GopherRepetitionConfig
@@ -203,15 +203,17 @@ class GopherQuality:
         c = self.cfg
         words = words_of(text)
         n_words = len(words)
-        # datatrove's non-symbol words: those with a character that is not punctuation.
-        content = [w for w in words if w.isalnum() or _HAS_WORD_CHAR(w)]
-        n = len(content)
+        # datatrove's non-symbol words: those with a character that is not punctuation. Most tokens
+        # are alphanumeric (a C-level test); only the rest needs a regex.
+        alnum = list(filter(str.isalnum, words))
+        other = [w for w in filterfalse(str.isalnum, words) if _HAS_WORD_CHAR(w)]
+        n = len(alnum) + len(other)
         if c.min_doc_words and n < c.min_doc_words:
             return "gopher_short_doc"
         if c.max_doc_words and n > c.max_doc_words:
             return "gopher_long_doc"
         if n:
-            avg = sum(map(len, content)) / n
+            avg = (sum(map(len, alnum)) + sum(map(len, other))) / n
             if c.min_avg_word_length and avg < c.min_avg_word_length:
                 return "gopher_below_avg_threshold"
             if c.max_avg_word_length and avg > c.max_avg_word_length:
@@ -233,8 +235,9 @@ class GopherQuality:
                 ) / len(lines) > c.max_ellipsis_lines_ratio:
                     return "gopher_too_many_end_ellipsis"
         if c.max_non_alpha_words_ratio and n_words:
-            no_alpha = sum(1 for w in content if not w.isalpha() and not _HAS_ALPHA(w))
-            if (n - no_alpha) / n_words < c.max_non_alpha_words_ratio:
+            # an alphanumeric token has no letter exactly when it is all numeric
+            with_alpha = len(alnum) - sum(map(str.isnumeric, alnum)) + sum(1 for w in other if _HAS_ALPHA(w))
+            if with_alpha / n_words < c.max_non_alpha_words_ratio:
                 return "gopher_below_alpha_threshold"
         if c.min_stop_words and len(self.stop_words.intersection(words)) < c.min_stop_words:
             return "gopher_enough_stop_words"

@@ -19,6 +19,7 @@ DEMO_SETTINGS: dict[str, Any] = {
     "name": "demo",
     "prep": {
         "workers": 2,
+        "read": {"source_field": "source"},
         "filter": {
             # The bundled corpus is technical documentation: code samples and option lists are real
             # content there, so the C4 rules that target web boilerplate are relaxed.

@@ -112,15 +112,21 @@ class RootLock:
 
     def _s3_read(self) -> tuple[dict | None, str | None, float]:
         fs, bucket, key = self._s3()
-        try:
-            resp = fs.call_s3("get_object", Bucket=bucket, Key=key)
-            from fsspec.asyn import sync
+        from fsspec.asyn import sync
 
-            body = sync(fs.loop, resp["Body"].read)
-            age = time.time() - resp["LastModified"].timestamp()
-            etag = resp["ETag"]
-        except FileNotFoundError:
-            return None, None, 0.0
+        for attempt in range(4):
+            try:
+                resp = fs.call_s3("get_object", Bucket=bucket, Key=key)
+                body = sync(fs.loop, resp["Body"].read)
+                age = time.time() - resp["LastModified"].timestamp()
+                etag = resp["ETag"]
+                break
+            except FileNotFoundError:
+                return None, None, 0.0
+            except Exception as exc:  # noqa: BLE001 - a body cut short is not retried by botocore
+                if attempt == 3 or "Payload" not in type(exc).__name__ and not isinstance(exc, ConnectionError):
+                    raise
+                time.sleep(0.1 * 2 ** attempt)
         try:
             return json.loads(body), etag, age
         except ValueError:
@@ -138,6 +144,9 @@ class RootLock:
         info, etag, age = self._s3_read()
         if etag is None:
             return self._s3_try()
+        if info is not None and info.get("token") == self.token:  # our own PUT, its reply lost and retried
+            self._etag = etag
+            return True, None
         if not self._is_stale(info, age):
             return False, info
         try:
@@ -155,7 +164,10 @@ class RootLock:
             resp = fs.call_s3("put_object", Bucket=bucket, Key=key, Body=self._body(), IfMatch=self._etag)
         except (FileExistsError, PermissionError, OSError) as exc:
             if _is_precondition(exc):
-                info, _, _ = self._s3_read()
+                info, etag, _ = self._s3_read()
+                if info is not None and info.get("token") == self.token:  # our refresh applied, reply lost
+                    self._etag = etag
+                    return
                 raise LockHeld(f"lock on {self.storage.root} was taken over by {self._describe(info)}") from None
             raise
         self._etag = resp.get("ETag")
@@ -213,8 +225,12 @@ class RootLock:
     def __enter__(self) -> "RootLock":
         return self.acquire()
 
-    def __exit__(self, *exc) -> None:
-        self.release()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self.release()
+        except Exception:  # noqa: BLE001 - never mask the error that ended the run (e.g. the store is down)
+            if exc_type is None:
+                raise
 
 
 def _is_precondition(exc: BaseException) -> bool:

@@ -93,11 +93,19 @@ _DCP_GLOBALS = {
 
 
 class _MetadataUnpickler(pickle.Unpickler):
-    """Admits DCP metadata classes, torch dtypes/sizes and paths; anything else is refused."""
+    """Admits the classes DCP metadata is made of, torch dtypes/sizes and paths; anything else is refused.
+
+    From DCP's metadata module only classes defined there are taken (not, say, the ``torch`` or
+    ``os`` modules it imports, whose attributes a crafted pickle could then overwrite).
+    """
 
     def find_class(self, module: str, name: str) -> Any:
-        if module in _DCP_MODULES or (module, name) in _DCP_GLOBALS:
+        if (module, name) in _DCP_GLOBALS:
             return super().find_class(module, name)
+        if module in _DCP_MODULES:
+            obj = super().find_class(module, name)
+            if isinstance(obj, type) and obj.__module__ == module:
+                return obj
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
         raise pickle.UnpicklingError(f"checkpoint metadata references {module}.{name}, which is not DCP metadata")

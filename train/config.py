@@ -39,7 +39,8 @@ class LoaderConfig(_Section):
     prefetch_members: int = Field(8, ge=1, description="Bounded read-ahead, in tar members per worker.")
     prefetch_batches: int = Field(4, ge=1, description="Assembled batches kept ready per worker.")
     group_batches: int | None = Field(
-        None, ge=1, description="Batches assembled and handed over together (amortizes per-batch overhead); None = about 1 Mi tokens.")
+        None, ge=1, description="Batches assembled and handed over together (amortizes per-batch overhead); "
+        "None = about 256 Ki tokens in-process, 2 Mi tokens from DataLoader workers, at most 64 batches.")
     io_threads: int = Field(4, ge=1, description="Concurrent byte-range reads per worker.")
     coalesce_gap_bytes: int | None = Field(
         None, ge=0, description="Merge row reads of a member separated by at most this many bytes; None = 64 KiB locally, 4 MiB on object stores.")

@@ -13,8 +13,8 @@ deliver -- never anything before its position.
 
 Why ranks take contiguous B-sized chunks: with the stream cut into chunks of ``batch_size`` samples
 (counted from the position the iteration started at), rank ``r`` of ``w`` takes chunks
-``r, r + w, r + 2w, ...`` and DataLoader worker ``i`` of ``n`` takes every ``n``-th of the rank's
-chunks, which the DataLoader's in-order round robin reassembles. One optimizer step therefore
+``r, r + w, r + 2w, ...``; the rank's batches go in groups of ``group_batches`` to its DataLoader
+workers in turn, which the DataLoader's in-order round robin reassembles. One optimizer step therefore
 consumes exactly ``batch_size * world_size`` consecutive samples, the state is a single number, and
 every rank gets the same number of batches whatever the number of shards. The stream wraps into the
 next epoch (with a new permutation) instead of truncating, so no sample is skipped and none is
@@ -28,12 +28,17 @@ resume state stays the global position alone.
 
 Why the reads look like this: a worker opens a window when its first batch needs it, computes which
 rows of the window it will deliver (the others belong to other ranks/workers or lie before the
-start), and fetches them per member with byte-range reads, merging reads separated by less than
-``coalesce_gap_bytes`` (a range GET costs far more than a few KiB on object stores). Each fetch also
-reads the member's 512-byte tar header and its .npy header and checks both against the index, so a
-stale index, a shifted offset, a foreign member name or a pickled array is an error naming the shard
-and the member, not garbage tokens. A small thread fetches the next windows ahead (bounded by
-``prefetch_members``) while batches are assembled, so the trainer finds them ready.
+start), and fetches them per member: on object stores with byte-range reads merged across gaps
+under ``coalesce_gap_bytes`` (a range GET costs far more than a few KiB), locally by reading straight
+into the window's buffer. Each fetch also reads the member's 512-byte tar header and its .npy
+header and checks both against the index, so a stale index, a shifted offset, a foreign member name
+or a pickled array is an error naming the shard and the member, not garbage tokens. Reads run
+ahead in a small thread pool (bounded by ``prefetch_members``) while another thread assembles
+groups of batches, so the trainer finds them ready.
+
+What bounds throughput: batches are int64 (the trainer's contract), i.e. 8 bytes written per 2-byte
+token read, so widening, not I/O, dominates on local disk; bench/loader.py measures it against the
+plain-read limit and against the same limit plus the widening.
 """
 from __future__ import annotations
 
@@ -75,9 +80,17 @@ _TOKEN_EXT = "tokens.npy"
 _ALLOWED_EXT = {"tokens.npy", "docs.npy", "meta.json"}
 _MAX_PENDING_EVENTS = 1024
 GROUP_TOKENS = 1 << 18
+WORKER_GROUP_TOKENS = 1 << 21
 MAX_GROUP = 64
 """Default size of a group of batches assembled and handed over together (see ShardDataset):
-about GROUP_TOKENS tokens, at most MAX_GROUP batches (short rows must not make the first batch wait)."""
+about GROUP_TOKENS tokens in the trainer's process, WORKER_GROUP_TOKENS from DataLoader workers
+(each hand-over between processes costs a socket round trip and a shared-memory segment), and
+at most MAX_GROUP batches (short rows must not make the first batch wait)."""
+
+
+def default_group(batch_size: int, row_len: int, num_workers: int) -> int:
+    tokens = WORKER_GROUP_TOKENS if num_workers else GROUP_TOKENS
+    return min(MAX_GROUP, max(1, tokens // (batch_size * row_len)))
 
 
 class ShardDataError(RuntimeError):
@@ -682,7 +695,7 @@ class ShardDataset(IterableDataset):
         self.seed = seed
         self.shuffle = shuffle
         self.shuffle_window = shuffle_window
-        self.group = group_batches or min(MAX_GROUP, max(1, GROUP_TOKENS // (batch_size * first.row_len)))
+        self.group = group_batches or default_group(batch_size, first.row_len, 0)
         self.prefetch_members = prefetch_members
         self.prefetch_batches = prefetch_batches
         self.io_threads = io_threads
@@ -1119,13 +1132,20 @@ class StatefulLoader:
         end = self.epochs * self.samples_per_epoch
         return start + max(0, (end - start) // step) * step
 
-    def _widen(self, group: torch.Tensor) -> torch.Tensor:
+    def _batches(self, group: torch.Tensor) -> Iterator[torch.Tensor]:
         if group.dtype == torch.int64:
-            return group
-        # numpy, not torch: torch's uint16 -> int64 conversion is ~100x slower (no vectorized kernel)
-        out = torch.empty(group.shape, dtype=torch.int64, pin_memory=self.pin_memory)
-        np.copyto(out.numpy(), group.numpy())
-        return out
+            yield from group
+            return
+        # From worker processes: widen here, one batch at a time (small allocations are recycled by
+        # malloc; a fresh multi-MiB array is page-faulted in), with numpy: torch's uint16 -> int64
+        # conversion has no vectorized kernel and is ~100x slower.
+        for rows in group.numpy():
+            if self.pin_memory:
+                out = torch.empty(rows.shape, dtype=torch.int64, pin_memory=True)
+                np.copyto(out.numpy(), rows)
+                yield out
+            else:
+                yield torch.from_numpy(rows.astype(np.int64))
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         self._generation += 1
@@ -1141,7 +1161,7 @@ class StatefulLoader:
         step = self.batch_size * self.world_size
         try:
             for group in source:
-                for batch in self._widen(group):
+                for batch in self._batches(group):
                     if generation != self._generation:
                         return
                     self._position += step
@@ -1212,7 +1232,8 @@ def build_loader(
         sources.append(_Source.load(st, split, i, indexes[i] if indexes is not None else None))
     ds = ShardDataset(
         sources, [spec.weight for spec in cfg.datasets], cfg.batch_size, rank, world_size,
-        seed=cfg.seed, shuffle=cfg.shuffle, shuffle_window=cfg.shuffle_window, group_batches=cfg.group_batches,
+        seed=cfg.seed, shuffle=cfg.shuffle, shuffle_window=cfg.shuffle_window,
+        group_batches=cfg.group_batches or default_group(cfg.batch_size, sources[0].row_len, cfg.num_workers),
         prefetch_members=cfg.prefetch_members, prefetch_batches=cfg.prefetch_batches, io_threads=cfg.io_threads,
         coalesce_gap_bytes=cfg.coalesce_gap_bytes, verify_digests=cfg.verify_digests,
         cache_dir=cfg.cache_dir, cache_limit_bytes=cfg.cache_limit_bytes,

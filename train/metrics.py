@@ -1,5 +1,19 @@
 """``runs/<run>/metrics.jsonl`` (one JSON line per optimizer step) and the console progress line.
 
+A line (rank 0 writes; every value is already reduced over ranks)::
+
+    step            optimizer step, 1-based, consecutive
+    loss            cross-entropy, mean over micro-batches and ranks (what perplexity is made of)
+    aux_loss        load-balancing loss, mean over MoE layers (1.0 = balanced); z_loss: router z-loss
+    lr              learning rate of this update;  grad_norm: global norm before clipping
+    tokens          target tokens trained on so far, all ranks;  tokens_per_s, step_time_s: wall clock
+    expert_tokens   [n_moe_layers][n_experts] token-slots routed to each expert in this step (all
+                    ranks and micro-batches; a token counts once per chosen expert, i.e. top_k times)
+    dropped_tokens  token-slots dropped by capacity dispatch in this step (0 when dropless)
+    val_loss        only on steps where validation ran (trainer.eval_every)
+
+Non-finite floats are written as the strings "nan"/"inf" (JSON has no NaN).
+
 Why the log is cut back on resume: a crash loses the steps after the last checkpoint, and the
 resumed run does them again; without the cut those steps would appear twice. On (re)start the
 file is rewritten atomically to exactly the committed steps, then appended to — and the trainer
@@ -150,9 +164,9 @@ class Progress:
         if "val_loss" in rec:
             desc += f" val {rec['val_loss']:.4f}"
         if self._bar is not None:
-            self._bar.update(step - self._bar.n)
             if step % self.log_every == 0 or step == self.total or "val_loss" in rec:
                 self._bar.set_postfix_str(desc, refresh=False)
+            self._bar.update(step - self._bar.n)
             return
         if step % self.log_every == 0 or step == self.total or "val_loss" in rec:
             elapsed = time.perf_counter() - self._t0

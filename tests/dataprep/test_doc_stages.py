@@ -102,6 +102,12 @@ def test_clean_then_filter(storage):
     # a second run finds everything done
     assert run_stage(clean, storage)["skipped"] == ["000000", "000001"]
     assert run_stage(filt, storage)["skipped"] == ["000000", "000001"]
+    # and a forced re-run rewrites the very same bytes
+    before = _all_bytes(storage)
+    assert len(before) == 6
+    assert run_stage(clean, storage, force=True)["ran"] == ["000000", "000001"]
+    assert run_stage(filt, storage, force=True)["ran"] == ["000000", "000001"]
+    assert _all_bytes(storage) == before
 
 
 def _all_bytes(storage: Storage) -> dict[str, bytes]:
@@ -225,3 +231,15 @@ def test_stage_names_and_shards_follow_the_protocol(local_storage, stage_cls):
         run_stage(CleanStage(cfg), local_storage)
     specs = stage.shards(local_storage)
     assert [s.shard_id for s in specs] == ["000000", "000001"]
+
+
+def test_stages_pickle_for_process_pools(local_storage):
+    """Process pools and task runners ship stages to workers by pickling them."""
+    import pickle
+
+    cfg = PrepConfig(inputs=write_inputs(local_storage))
+    cfg.clean.mask_emails = True
+    clean, filt = (pickle.loads(pickle.dumps(s)) for s in (CleanStage(cfg), FilterStage(cfg)))
+    assert clean.config_digest() == CleanStage(cfg).config_digest()
+    assert run_stage(clean, local_storage)["ran"] == ["000000", "000001"]
+    assert run_stage(filt, local_storage)["ran"] == ["000000", "000001"]

@@ -66,6 +66,38 @@ def test_unknown_language_code_is_rejected():
         language_step(LanguageFilterConfig(languages=["en", "xx"]))
 
 
+def test_vectorized_walk_gives_the_librarys_results():
+    """Our numpy feature walk against py3langid's own classifier: same labels, same scores."""
+    import random
+
+    from py3langid.langid import MODEL_FILE, LanguageIdentifier
+
+    from shardflow.dataprep.langid import _identifier
+
+    fast, reference = _identifier(), LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
+    assert type(fast).__name__ == "VectorizedIdentifier"
+    rng = random.Random(0)
+    texts = demo_english_docs(every=40, n=60) + [ENGLISH, GERMAN, FRENCH, "", "a", "Ünïcödé ½ → ∑"]
+    texts += [rng.randbytes(rng.randint(1, 400)) for _ in range(60)]  # any bytes, valid UTF-8 or not
+    texts += [ENGLISH[:k] for k in range(1, 12)]  # shorter than the automaton's depth
+    for text in texts:
+        (a, pa), (b, pb) = fast.classify(text[:2048]), reference.classify(text[:2048])
+        assert a == b and abs(pa - pb) < 1e-5, text[:40]
+
+
+def test_falls_back_to_the_library_when_internals_differ(monkeypatch, caplog):
+    import shardflow.dataprep.langid as langid
+
+    def broken(base):
+        raise AttributeError("tk_nextmove")
+
+    monkeypatch.setattr(langid, "_vectorized_class", broken)
+    identifier = langid._identifier.__wrapped__()
+    assert type(identifier).__name__ == "LanguageIdentifier"
+    assert identifier.classify(GERMAN)[0] == "de"
+    assert "slower" in caplog.text
+
+
 # --- accuracy on real text -------------------------------------------------------------------
 
 MAN_ROOT = "/usr/share/man"

@@ -121,6 +121,9 @@ class _Exploit:
 def test_dcp_metadata_is_unpickled_with_an_allowlist(data_root: Storage, tmp_path):
     with pytest.raises(pickle.UnpicklingError, match="not DCP metadata"):
         _MetadataUnpickler(io.BytesIO(pickle.dumps(_Exploit()))).load()
+    # a module imported by DCP's metadata module is not a metadata class
+    with pytest.raises(pickle.UnpicklingError, match=r"metadata\.torch, which is not DCP metadata"):
+        _MetadataUnpickler(io.BytesIO(b"ctorch.distributed.checkpoint.metadata\ntorch\n.")).load()
     # A checkpoint whose .metadata was replaced by code is refused at load, naming the checkpoint.
     storage = Storage(str(tmp_path / "root"))
     copy_dataset(data_root, storage)

@@ -354,3 +354,34 @@ def test_gpu_benchmark_runs_its_tiny_cpu_variant():
     assert res["train_flops_per_token"] == bench.ModelConfig(**bench.TINY).flops_per_token(64)
     one_b = bench.ModelConfig(**bench.ONE_B)
     assert 0.95e9 < one_b.num_params() < 1.1e9 and one_b.n_experts == 8 and one_b.top_k == 2
+
+
+def test_cli_main_trains_from_a_pipeline_yaml_and_exits_2_on_bad_data(data_root: Storage, tmp_path, capsys):
+    from shardflow.train.__main__ import main
+
+    cfg = tiny_cfg("cli", trainer={"steps": 3})
+    (tmp_path / "p.yaml").write_text(
+        json.dumps({"storage": {"root": data_root.root}, "train": cfg.model_dump(mode="json"), "eval": {"x": 1}}),
+        encoding="utf-8")  # JSON is YAML
+    assert main(["--config", str(tmp_path / "p.yaml"), "--set", "train.trainer.steps=2"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["step"] == 2 and summary["run"] == "cli"
+    assert [r["step"] for r in read_metrics(data_root, metrics_ref("cli"))] == [1, 2]
+    assert main(["--config", str(tmp_path / "p.yaml"), "--set", f"storage.root={tmp_path / 'nothing'}"]) == 2
+    assert "shard index not found" in capsys.readouterr().err
+    assert main(["--config", str(tmp_path / "p.yaml"), "--set", "train.trainer.steps=0"]) == 2
+    assert "train.trainer.steps" in capsys.readouterr().err
+
+
+def test_plain_progress_line_every_log_every_steps_and_on_validation(capsys):
+    from shardflow.train.metrics import Progress
+
+    progress = Progress(total=7, start=0, log_every=3, enabled=True, use_bar=False)
+    rec = {"loss": 2.5, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_s": 12345.0}
+    for step in range(1, 8):
+        progress.update(step, dict(rec, val_loss=2.75) if step == 4 else rec)
+    lines = capsys.readouterr().out.splitlines()
+    assert [ln.split(" | ")[0] for ln in lines] == ["step 3/7", "step 4/7", "step 6/7", "step 7/7"]
+    assert "loss 2.5000 lr 1.00e-03 gnorm 0.500 12.3k tok/s" in lines[0] and "val 2.7500" in lines[1]
+    Progress(total=7, start=0, log_every=3, enabled=False).update(3, rec)
+    assert capsys.readouterr().out == ""
