@@ -118,15 +118,23 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
             raise ConfigError(f"{source}: not valid YAML: {exc}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{source}: top level must be a mapping of sections, got {type(loaded).__name__}")
-        data.update(loaded)
         # Relative local paths in the file are relative to the file, not to the caller's cwd.
-        _anchor_paths(data, Path(path).resolve().parent)
+        _anchor_paths(loaded, Path(path).resolve().parent)
+        data = _deep_merge(data, loaded)
     for ov in overrides or []:
         apply_override(data, ov, source=f"{source} (--set {ov})")
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, source)) from None
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``, section by section (a file sets only what it changes)."""
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def _anchor(p: str, base: Path) -> str:

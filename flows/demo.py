@@ -25,7 +25,9 @@ DEMO_SETTINGS: dict[str, Any] = {
             # content there, so the C4 rules that target web boilerplate are relaxed.
             "c4": {"filter_curly_bracket": False, "filter_no_terminal_punct": False, "min_num_sentences": 2},
             "fineweb": {"line_punct_thr": 0.0, "short_line_thr": 0.9},
-            "gopher_quality": {"max_symbol_word_ratio": 0.3},
+            # Option lists, code and tables carry many non-alphabetic tokens; short reference
+            # entries (the Jargon File's) are real text too.
+            "gopher_quality": {"max_symbol_word_ratio": 0.3, "max_non_alpha_words_ratio": 0.6, "min_doc_words": 30},
             "write_dropped": True,
         },
         "tokenizer": {"vocab_size": 4096, "sample_docs": 4000},
@@ -76,9 +78,9 @@ def demo_config(workdir: str | os.PathLike[str], config: str | None = None, over
 
     workdir = Path(workdir).resolve()
     base = json.loads(json.dumps(DEMO_SETTINGS))
-    base["storage"] = {"root": str(workdir / "data")}
-    base["prep"]["inputs"] = stage_demo_inputs(workdir)
-    return load_config(config, overrides, base=base)
+    # The workdir decides where the demo reads and writes, also over a --config file; --set wins.
+    placed = [f"storage.root={workdir / 'data'}", f"prep.inputs={json.dumps(stage_demo_inputs(workdir))}"]
+    return load_config(config, placed + list(overrides or []), base=base)
 
 
 def summarize(storage: Storage, run: str) -> dict[str, Any]:

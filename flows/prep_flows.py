@@ -22,7 +22,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -32,11 +32,18 @@ from shardflow.dataprep.config import PrepConfig
 from shardflow.dataprep.stage import PlannedShard, ShardFailed, ShardSpec, Stage, plan, run_shard
 from shardflow.dataprep.stages import DEFAULT_FACTORY, STAGE_GROUPS, load_factory, select_stages
 from shardflow.flows import artifacts
-from shardflow.flows.config import PipelineConfig, load_config, write_resolved
 from shardflow.flows.runners import make_task_runner, prefect_api
 from shardflow.storage import Storage, StorageError, digest_json
 from shardflow.storage.lock import RootLock
 from shardflow.storage.manifest import list_records
+
+if TYPE_CHECKING:
+    from shardflow.flows.config import PipelineConfig
+
+# This module is what process-pool and Ray workers import to run a shard task (the task function and
+# the flow object in the task's context live here), so it imports nothing heavier than dataprep:
+# the pipeline config (which pulls in train/ and torch) is imported inside the functions that need
+# it, and the flows take the config as ``Any`` (a PipelineConfig or its ``model_dump()``).
 
 
 class StageFailed(RuntimeError):
@@ -49,13 +56,22 @@ class StageFailed(RuntimeError):
         super().__init__(f"stage {stage!r}: {len(failed)} of {total} shard(s) failed: {listed}{more}")
 
 
-def resolve_config(config: PipelineConfig | None, config_path: str | None, overrides: list[str] | None) -> PipelineConfig:
-    """The run's config: given in-process, or loaded from the deployment's file and overrides."""
+def resolve_config(config: Any, config_path: str | None, overrides: list[str] | None) -> PipelineConfig:
+    """The run's config: given in-process (a PipelineConfig or its ``model_dump()``), or loaded
+    from the deployment's file and overrides."""
+    from shardflow.flows.config import PipelineConfig, load_config
+
     if config is not None:
         if config_path or overrides:
             raise ValueError("pass either a config object or config_path/overrides, not both")
-        return config
+        return config if isinstance(config, PipelineConfig) else PipelineConfig.model_validate(config)
     return load_config(config_path, overrides or [])
+
+
+def config_param(cfg: PipelineConfig) -> dict[str, Any]:
+    """The config as a flow parameter: plain data (secrets stay ``SecretStr``, masked in the API),
+    so that workers unpickling a task's context need not import the config classes."""
+    return cfg.model_dump()
 
 
 # -- retry policy ---------------------------------------------------------------------------------
@@ -237,7 +253,7 @@ def run_stage_tasks(stage: Stage, storage: Storage, cfg: PipelineConfig, runner,
 
 # -- the flows ------------------------------------------------------------------------------------
 
-def _prep(selection: str | list[str], config: PipelineConfig | None, config_path: str | None, overrides: list[str] | None,
+def _prep(selection: str | list[str], config: Any, config_path: str | None, overrides: list[str] | None,
           shards: list[str] | None, force: bool, runner: str | None, ray_address: str | None, stage_factory: str,
           flow_label: str) -> dict[str, Any]:
     cfg = resolve_config(config, config_path, overrides)
@@ -249,6 +265,8 @@ def _prep(selection: str | list[str], config: PipelineConfig | None, config_path
     summaries: list[dict[str, Any]] = []
     error: StageFailed | None = None
     t0 = time.perf_counter()
+    from shardflow.flows.config import write_resolved
+
     with RootLock(storage, purpose=f"shardflow {flow_label}", wait_s=cfg.flows.lock_wait_s):
         write_resolved(cfg, storage)
         if only and stages:
@@ -275,7 +293,7 @@ def _prep(selection: str | list[str], config: PipelineConfig | None, config_path
 
 
 @flow(name="prep", log_prints=True)
-def prep_flow(config: PipelineConfig | None = None, config_path: str | None = None, overrides: list[str] | None = None,
+def prep_flow(config: Any = None, config_path: str | None = None, overrides: list[str] | None = None,
               stages: list[str] | None = None, shards: list[str] | None = None, force: bool = False,
               runner: str | None = None, ray_address: str | None = None,
               stage_factory: str = DEFAULT_FACTORY) -> dict[str, Any]:
@@ -284,7 +302,7 @@ def prep_flow(config: PipelineConfig | None = None, config_path: str | None = No
 
 
 def _stage_flow(group: str):
-    def stage_flow(config: PipelineConfig | None = None, config_path: str | None = None,
+    def stage_flow(config: Any = None, config_path: str | None = None,
                    overrides: list[str] | None = None, shards: list[str] | None = None, force: bool = False,
                    runner: str | None = None, ray_address: str | None = None,
                    stage_factory: str = DEFAULT_FACTORY) -> dict[str, Any]:
@@ -322,7 +340,7 @@ def run_prep(cfg: PipelineConfig, stage: str = "all", shards: list[str] | None =
              runner: str | None = None, ray_address: str | None = None,
              stage_factory: str = DEFAULT_FACTORY) -> dict[str, Any]:
     """``shardflow prep <stage>``: run the stage's flow (or ``prep`` for ``all`` / a single stage name)."""
-    params = dict(config=cfg, shards=shards, force=force, runner=runner, ray_address=ray_address, stage_factory=stage_factory)
+    params = dict(config=config_param(cfg), shards=shards, force=force, runner=runner, ray_address=ray_address, stage_factory=stage_factory)
     with prefect_api():
         if stage in STAGE_FLOWS:
             state = STAGE_FLOWS[stage](**params, return_state=True)

@@ -96,3 +96,24 @@ def test_cli_config_validate_and_show(tmp_path):
 def test_every_subcommand_has_help(cmd):
     out = subprocess.run([sys.executable, "-m", "shardflow.flows.cli", cmd, "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "usage: shardflow" in out.stdout
+
+
+def test_demo_yaml_matches_embedded_demo_settings(tmp_path):
+    from pathlib import Path
+
+    from shardflow.flows.demo import DEMO_SETTINGS, demo_config
+
+    repo = Path(__file__).resolve().parents[2]
+    from_file = load_config(repo / "configs" / "demo.yaml", [f"storage.root={tmp_path}"])
+    embedded = load_config(None, [f"storage.root={tmp_path}"], base=DEMO_SETTINGS)
+    assert from_file.resolved() == embedded.resolved()
+    # demo_config places root and inputs under the workdir, also when a file is given.
+    cfg = demo_config(tmp_path / "wd", config=str(repo / "configs" / "demo.yaml"), overrides=["train.trainer.steps=7"])
+    assert cfg.storage.root == str(tmp_path / "wd" / "data") and len(cfg.prep.inputs) == 4
+    assert cfg.train.trainer.steps == 7 and cfg.prep.filter.gopher_quality.min_doc_words == 30
+
+
+def test_file_sections_merge_over_base(tmp_path):
+    p = write(tmp_path, "prep:\n  dedup:\n    num_bands: 28\n    rows_per_band: 4\n")
+    cfg = load_config(p, base={"prep": {"workers": 5, "dedup": {"seed": 9}}})
+    assert (cfg.prep.workers, cfg.prep.dedup.seed, cfg.prep.dedup.num_bands) == (5, 9, 28)

@@ -118,7 +118,7 @@ def test_resume_at_random_points_continues_the_exact_stream(ds250, before, after
     state = run.state()
     run.close()
     assert state["position"] == len(got) == first * 4 * w1
-    # Second leg on another world size / worker count, interrupted again past the epoch boundary.
+    # Second leg on another world size / worker count, interrupted again; the third crosses epoch 1.
     second = rnd.randrange(10, 30)
     run = _Run(storage, _cfg(num_workers=n2), w2, state=state, expect=expect)
     got += run.steps(second)
@@ -132,6 +132,7 @@ def test_resume_at_random_points_continues_the_exact_stream(ds250, before, after
     assert state["epoch"] == state["position"] // 250
 
 
+@pytest.mark.s3
 def test_resume_on_s3_endpoint(s3_storage):
     expect = {0: _write(s3_storage, 120, rows_per_member=8, samples_per_shard=40)}
     ref = _reference(s3_storage, _cfg(), 240, expect)
@@ -481,6 +482,7 @@ def test_bad_member_key_in_index_is_refused(ds250):
         build_loader(_cfg(), storage)
 
 
+@pytest.mark.s3
 def test_member_cache_serves_second_pass_and_respects_limit(s3_storage, tmp_path, monkeypatch):
     expect = {0: _write(s3_storage, 120, rows_per_member=8, samples_per_shard=40)}
     cache = tmp_path / "cache"
