@@ -6,7 +6,7 @@ pending shard in a ``concurrent.futures.ProcessPoolExecutor(workers)`` (spawn, a
 runner uses). Prefect: ``flows.prep_flows.run_prep`` (one task per shard on the configured runner,
 manifests, artifacts, logs to the API). Both start from an empty dataset root; the outputs of the
 two runs are compared byte for byte. The Prefect API server is started before timing (it is a
-service that outlives runs); its start-up time is printed separately.
+service that outlives runs). ``--repeat`` alternates the two so that background load hits both.
 
 Goal: prefect / direct <= 1.15.
 
@@ -22,6 +22,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -110,6 +111,7 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--runner", default="process", choices=["process", "thread", "sequential", "ray"])
     ap.add_argument("--workdir", help="keep the dataset roots here (default: a temp dir, removed)")
+    ap.add_argument("--repeat", type=int, default=1, help="alternate direct/prefect runs this many times; medians")
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args()
 
@@ -128,32 +130,40 @@ def main() -> int:
         return load_config(None, [f"storage.root={root}", f"prep.inputs={json.dumps(inputs)}", f"prep.workers={args.workers}",
                                   f"flows.runner={args.runner}", *PREP_OVERRIDES])
 
-    print(f"corpus: {len(inputs)} file(s), {raw_mb:.1f} MB on disk; workers {args.workers}; runner {args.runner}")
-    direct_cfg = config("direct")
-    t0 = time.perf_counter()
-    stage_times = run_direct(direct_cfg, args.workers)
-    direct_s = time.perf_counter() - t0
-    print(f"direct : {direct_s:8.2f} s   " + "  ".join(f"{k} {v:.1f}" for k, v in stage_times.items()))
-
-    prefect_cfg = config("prefect")
-    t0 = time.perf_counter()
-    with prefect_api():
-        api_s = time.perf_counter() - t0
+    print(f"corpus: {len(inputs)} file(s), {raw_mb:.1f} MB on disk; workers {args.workers}; runner {args.runner}; "
+          f"{args.repeat} alternating repeat(s)")
+    direct_runs, prefect_runs, same = [], [], True
+    with prefect_api():  # started once, before timing: the API is a service that outlives runs
         t0 = time.perf_counter()
-        out = run_prep(prefect_cfg, "all", runner=args.runner)
-        prefect_s = time.perf_counter() - t0
-    if not out.get("ok"):
-        print(f"prefect run failed: {out.get('error')}", file=sys.stderr)
-        return 1
-    print(f"prefect: {prefect_s:8.2f} s   (API server start-up {api_s:.1f} s, not included)")
-    same = tree_digest(str(direct_cfg.storage.root)) == tree_digest(str(prefect_cfg.storage.root))
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            client.api_healthcheck()
+        api_s = time.perf_counter() - t0
+        for rep in range(args.repeat):
+            direct_cfg = config("direct")
+            t0 = time.perf_counter()
+            stage_times = run_direct(direct_cfg, args.workers)
+            direct_runs.append(time.perf_counter() - t0)
+            print(f"direct  #{rep}: {direct_runs[-1]:8.2f} s   " + "  ".join(f"{k} {v:.1f}" for k, v in stage_times.items()))
+            prefect_cfg = config("prefect")
+            t0 = time.perf_counter()
+            out = run_prep(prefect_cfg, "all", runner=args.runner)
+            prefect_runs.append(time.perf_counter() - t0)
+            if not out.get("ok"):
+                print(f"prefect run failed: {out.get('error')}", file=sys.stderr)
+                return 1
+            print(f"prefect #{rep}: {prefect_runs[-1]:8.2f} s   " + "  ".join(f"{s['stage']} {s['wall_s']:.1f}" for s in out["stages"]))
+            same = same and tree_digest(str(direct_cfg.storage.root)) == tree_digest(str(prefect_cfg.storage.root))
+    direct_s, prefect_s = statistics.median(direct_runs), statistics.median(prefect_runs)
     ratio = prefect_s / direct_s
+    print(f"direct (median): {direct_s:.2f} s   prefect (median): {prefect_s:.2f} s   API health check {api_s:.2f} s (not included)")
     print(f"ratio prefect/direct: {ratio:.3f}  (goal <= 1.15: {'met' if ratio <= 1.15 else 'NOT met'}); "
           f"outputs byte-identical: {same}")
     if args.json:
         Path(args.json).write_text(json.dumps({"files": len(inputs), "mb": raw_mb, "workers": args.workers, "runner": args.runner,
                                                "direct_s": direct_s, "prefect_s": prefect_s, "ratio": ratio,
-                                               "api_start_s": api_s, "identical": same, "stages_direct_s": stage_times}, indent=2))
+                                               "direct_runs": direct_runs, "prefect_runs": prefect_runs, "identical": same, "stages_direct_s": stage_times}, indent=2))
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
     return 0 if same else 1

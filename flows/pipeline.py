@@ -15,7 +15,7 @@ from prefect import flow, get_run_logger
 
 from shardflow.dataprep.stages import DEFAULT_FACTORY
 from shardflow.flows.config import PipelineConfig
-from shardflow.flows.prep_flows import flow_outcome, prep_flow, print_outcome, resolve_config
+from shardflow.flows.prep_flows import config_param, flow_outcome, prep_flow, print_outcome, resolve_config
 from shardflow.flows.runners import prefect_api
 from shardflow.flows.train_flows import eval_flow, train_flow
 
@@ -29,7 +29,7 @@ def pipeline_flow(config: PipelineConfig | None = None, config_path: str | None 
     cfg = resolve_config(config, config_path, overrides)
     logger = get_run_logger()
     out: dict[str, Any] = {"ok": True}
-    out["prep"] = prep_flow(config=cfg, runner=runner, ray_address=ray_address, stage_factory=stage_factory)
+    out["prep"] = prep_flow(config=config_param(cfg), runner=runner, ray_address=ray_address, stage_factory=stage_factory)
     if train:
         out["train"] = train_flow(config=cfg, nproc=nproc, evaluate=False)["train"]
     if evaluate:

@@ -85,7 +85,7 @@ class TrainerConfig(_Section):
     eval_batches: int = Field(20, ge=1, description="Batches per rank per validation.")
     seed: int = Field(0, ge=0, description="Initial weights and the per-rank random streams.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    deterministic: bool = Field(True, description="torch.use_deterministic_algorithms during training (exact resume).")
+    deterministic: bool = Field(True, description="torch.use_deterministic_algorithms while training (bitwise resume; may cost GPU speed).")
     progress: bool = Field(True, description="Rank 0 console progress (tqdm when installed).")
 
 

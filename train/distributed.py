@@ -81,8 +81,8 @@ def init_distributed(device: str = "auto", timeout_s: float = 1800.0) -> DistEnv
     """Join the torchrun process group if there is one; otherwise a world of one.
 
     A group that already exists (a caller initialized it) is used as is and left alone at
-    teardown. gloo on CPU, NCCL on CUDA: the only backends that implement every collective we use
-    on the respective device.
+    teardown. gloo on CPU, NCCL on CUDA (each device's native collective backend); CUDA ranks
+    bind their ``LOCAL_RANK`` device first so NCCL and allocations land on it.
     """
     world = _env_int("WORLD_SIZE", 1)
     local_rank = _env_int("LOCAL_RANK", 0)

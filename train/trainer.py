@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from shardflow.storage import Storage, StorageConfig
 from shardflow.storage.shards import ShardIndexError, read_index
 

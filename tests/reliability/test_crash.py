@@ -220,3 +220,127 @@ def test_soundness_check_catches_partial_files(reference, tmp_path):
         path.write_bytes(data[: len(data) * 2 // 3])
         with pytest.raises(Exception):
             check_root_sound(work)
+
+
+# -- corruption: `shardflow verify` reports it, the next run redoes exactly what depends on it ----
+
+def _cli_args(root: Path, inputs: Path) -> list[str]:
+    from . import SMALL_PREP
+
+    return ["--set", f"storage.root={root}", "--set", f"prep.inputs=['{inputs}/*.jsonl']",
+            *[a for ov in SMALL_PREP for a in ("--set", ov)]]
+
+
+def test_verify_reports_corrupted_shard_and_output_and_rerun_redoes_only_them(reference, tmp_path, capsys):
+    from shardflow.flows.cli import main
+
+    work = tmp_path / "root"
+    copy_root(reference.after(ALL_STAGES[-1]), work)
+    args = _cli_args(work, reference.base / "in")
+    assert main(["verify", *args]) == 0
+    for rel in ("shards/train-000003.tar", "stages/filter/000001.jsonl.zst"):
+        path = work / rel
+        data = bytearray(path.read_bytes())
+        data[len(data) // 3] ^= 0x01  # one bit, same size: only a re-hash can tell
+        path.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["verify", *args]) == 1
+    report = capsys.readouterr().out
+    assert "train-000003.tar" in report and "stage filter shard 000001" in report, report
+    assert report.count("PROBLEM") >= 2, report
+    storage = Storage(str(work))
+    ran = {st.name: run_stage(st, storage)["ran"] for st in reference.stages}
+    # The filter shard is redone with the same bytes, so nothing downstream of it is stale; the
+    # tar is an output of the pack stage, which is redone (and only it).
+    assert ran == {**{s: [] for s in ALL_STAGES}, "filter": ["000001"], "pack": ran["pack"]}, ran
+    assert len(ran["pack"]) == 1, ran
+    assert not diff_snapshots(reference.final, snapshot(work))
+    capsys.readouterr()
+    assert main(["verify", *args]) == 0
+
+
+# -- concurrency: two runs on one root --------------------------------------------------------------
+
+def _prefect_env() -> dict[str, str]:
+    from prefect.settings import PREFECT_API_URL
+
+    from . import child_env
+
+    env = child_env()
+    if PREFECT_API_URL.value():
+        env["PREFECT_API_URL"] = PREFECT_API_URL.value()
+    return env
+
+
+def cli(args: list[str], env: dict[str, str]):
+    import subprocess
+    import sys
+
+    from . import REPO_ROOT
+
+    return subprocess.Popen([sys.executable, "-m", "shardflow.flows.cli", *args], env=env, cwd=str(REPO_ROOT),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def hold_when_locked(proc, lock_path: Path, timeout: float = 240) -> None:
+    """SIGSTOP a run the moment it holds the root lock (its pid is in the lock file), so a second
+    run is sure to meet it there however the two interpreters' start-up times fall."""
+    deadline = time.monotonic() + timeout
+    needle = f'"pid": {proc.pid}'.encode()
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if needle in lock_path.read_bytes():
+                proc.send_signal(signal.SIGSTOP)
+                return
+        except FileNotFoundError:
+            pass
+        time.sleep(0.005)
+    raise AssertionError(f"run never took the lock {lock_path} (rc {proc.poll()})")
+
+
+@pytest.mark.usefixtures("prefect_server")
+def test_two_concurrent_cli_runs_on_one_local_root_second_refused_clearly(reference, tmp_path):
+    work = tmp_path / "root"
+    copy_root(reference.before("clean"), work)
+    args = ["prep", "all", "--runner", "sequential", *_cli_args(work, reference.base / "in")]
+    env = _prefect_env()
+    first = cli(args, env)
+    try:
+        hold_when_locked(first, work / "_lock.json")
+        second = cli(args, env)
+        out, err = second.communicate(timeout=300)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    text = out.decode() + err.decode()
+    assert second.returncode == 1, text[-3000:]
+    assert "is locked by a shardflow prep run" in text and f"pid {first.pid}" in text and "_lock.json" in text, text[-3000:]
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err.decode()[-3000:]
+    assert not diff_snapshots(reference.final, snapshot(work))
+
+
+def test_lock_of_a_killed_local_run_is_taken_over(reference, tmp_path):
+    """A run SIGKILLed while holding the root lock leaves no lock behind (flock dies with it)."""
+    import subprocess
+    import sys
+
+    from shardflow.storage.lock import RootLock
+
+    from . import REPO_ROOT, child_env
+
+    work = tmp_path / "root"
+    work.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom shardflow.storage import Storage\nfrom shardflow.storage.lock import RootLock\n"
+        f"lock = RootLock(Storage({str(work)!r}), purpose='doomed').acquire()\nprint('held', flush=True)\ntime.sleep(600)\n")],
+        env=child_env(), cwd=str(REPO_ROOT), stdout=subprocess.PIPE)
+    assert holder.stdout.readline().strip() == b"held"
+    from shardflow.storage.lock import LockHeld
+
+    with pytest.raises(LockHeld, match="doomed"):
+        RootLock(Storage(str(work)), purpose="second").acquire()
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(timeout=30)
+    storage = Storage(str(work))
+    with RootLock(storage, purpose="after", wait_s=5):
+        pass
