@@ -101,7 +101,7 @@ def main() -> None:
     ap.add_argument("--skip-datatrove", action="store_true")
     args = ap.parse_args()
 
-    files = sorted(glob.glob(os.path.join(args.corpus, "*.jsonl.zst")))
+    files = sorted(os.path.abspath(p) for p in glob.glob(os.path.join(args.corpus, "*.jsonl.zst")))
     if not files:
         raise SystemExit(f"no *.jsonl.zst under {args.corpus}: run bench/make_corpus.py first")
     corpus_bytes = sum(os.path.getsize(f) for f in files)

@@ -11,7 +11,7 @@ service that outlives runs). ``--repeat`` alternates the two so that background 
 Goal: prefect / direct <= 1.15.
 
     python bench/prefect_overhead.py                       # 4 files of bench/_data/corpus (or the demo corpus)
-    python bench/prefect_overhead.py --files 16 --workers 2 --runner process
+    python bench/prefect_overhead.py --files 16 --workers 2 --runner process --process-pool executor
 """
 from __future__ import annotations
 
@@ -111,6 +111,8 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--runner", default="process", choices=["process", "thread", "sequential", "ray"])
     ap.add_argument("--workdir", help="keep the dataset roots here (default: a temp dir, removed)")
+    ap.add_argument("--process-pool", default="prefect", choices=["prefect", "executor"],
+                    help="runner=process flavour: Prefect's ProcessPoolTaskRunner, or tasks on threads + a plain process pool")
     ap.add_argument("--repeat", type=int, default=1, help="alternate direct/prefect runs this many times; medians")
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args()
@@ -128,9 +130,10 @@ def main() -> int:
         root = work / name
         shutil.rmtree(root, ignore_errors=True)
         return load_config(None, [f"storage.root={root}", f"prep.inputs={json.dumps(inputs)}", f"prep.workers={args.workers}",
-                                  f"flows.runner={args.runner}", *PREP_OVERRIDES])
+                                  f"flows.runner={args.runner}", f"flows.process_pool={args.process_pool}", *PREP_OVERRIDES])
 
-    print(f"corpus: {len(inputs)} file(s), {raw_mb:.1f} MB on disk; workers {args.workers}; runner {args.runner}; "
+    print(f"corpus: {len(inputs)} file(s), {raw_mb:.1f} MB on disk; workers {args.workers}; runner {args.runner}"
+          f"{' (' + args.process_pool + ')' if args.runner == 'process' else ''}; "
           f"{args.repeat} alternating repeat(s)")
     direct_runs, prefect_runs, same = [], [], True
     with prefect_api():  # started once, before timing: the API is a service that outlives runs
@@ -161,7 +164,7 @@ def main() -> int:
     print(f"ratio prefect/direct: {ratio:.3f}  (goal <= 1.15: {'met' if ratio <= 1.15 else 'NOT met'}); "
           f"outputs byte-identical: {same}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"files": len(inputs), "mb": raw_mb, "workers": args.workers, "runner": args.runner,
+        Path(args.json).write_text(json.dumps({"files": len(inputs), "mb": raw_mb, "workers": args.workers, "runner": args.runner, "process_pool": args.process_pool,
                                                "direct_s": direct_s, "prefect_s": prefect_s, "ratio": ratio,
                                                "direct_runs": direct_runs, "prefect_runs": prefect_runs, "identical": same, "stages_direct_s": stage_times}, indent=2))
     if not args.workdir:

@@ -13,11 +13,14 @@ to the names of its stages; :func:`select_stages` resolves a CLI name, a single 
 from __future__ import annotations
 
 import importlib
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from shardflow.storage import Storage, StorageError, digest_json
+
 from .config import PrepConfig
-from .stage import Stage
+from .stage import ShardFailed, ShardSpec, Stage, run_shard
 
 STAGE_GROUPS: dict[str, tuple[str, ...]] = {
     "clean": ("clean",),
@@ -108,3 +111,81 @@ def group_of(stage_name: str) -> str:
         if stage_name in members:
             return group
     return stage_name
+
+
+# -- running one shard of a registered stage, in whatever process a runner chose ----------------------
+
+_STAGE_CACHE: dict[tuple[str, str], dict[str, Stage]] = {}
+_STAGE_CACHE_LOCK = threading.Lock()
+
+
+def stage_objects(factory: str, prep: PrepConfig) -> dict[str, Stage]:
+    """The stages of ``prep`` by name, built once per process and config (regexes compiled once)."""
+    key = (factory, digest_json(prep.model_dump(mode="json")))
+    with _STAGE_CACHE_LOCK:
+        stages = _STAGE_CACHE.get(key)
+        if stages is None:
+            stages = {s.name: s for s in load_factory(factory)(prep)}
+            if len(_STAGE_CACHE) > 8:
+                _STAGE_CACHE.clear()
+            _STAGE_CACHE[key] = stages
+    return stages
+
+
+class ShardTaskError(RuntimeError):
+    """A shard failed. Unlike ``ShardFailed`` it pickles (failures cross process boundaries with
+    process pools and Ray), and it carries the retry decision, made where the cause is known."""
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message, transient)
+        self.message, self.transient = message, transient
+
+    def __str__(self) -> str:
+        return self.message
+
+
+_PERMANENT_OS_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, FileExistsError)
+_PERMANENT_WORDS = ("FileNotFoundError", "PermissionError", "AccessDenied", "NoSuchBucket", "InvalidAccessKeyId",
+                    "SignatureDoesNotMatch", "NoSuchKey", "IsADirectoryError")
+_TRANSIENT_NAMES = ("Timeout", "Connection", "Throttl", "SlowDown", "ServiceUnavailable", "TemporarilyUnavailable",
+                    "ServerDisconnected", "ClientPayloadError", "IncompleteRead")
+
+
+def _chain(exc: BaseException | None):
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.cause if isinstance(exc, ShardFailed) else exc.__cause__
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether retrying could help: storage/network trouble yes, data or code errors no."""
+    if isinstance(exc, ShardTaskError):
+        return exc.transient
+    chain = list(_chain(exc))
+    if any(isinstance(e, _PERMANENT_OS_ERRORS) for e in chain):
+        return False
+    for e in chain:
+        if isinstance(e, (ConnectionError, TimeoutError)):
+            return True
+        if any(n in cls.__name__ for cls in type(e).__mro__ for n in _TRANSIENT_NAMES):
+            return True
+        if isinstance(e, StorageError):
+            return not any(w in str(e) for w in _PERMANENT_WORDS)
+        if isinstance(e, OSError):
+            return True
+    return False
+
+
+def run_named_shard(factory: str, prep: PrepConfig, stage: str, spec: ShardSpec, storage: Storage) -> dict[str, Any]:
+    """Run shard ``spec`` of stage ``stage`` (outputs, then its manifest record), in this process.
+
+    Everything it needs is small and picklable, so a thread, a process pool or a Ray worker can
+    call it; it returns the record's counters, or raises :class:`ShardTaskError`.
+    """
+    try:
+        record = run_shard(stage_objects(factory, prep)[stage], storage, spec)
+    except ShardFailed as exc:  # the failed record is written; report the cause, picklably
+        raise ShardTaskError(f"{type(exc.cause).__name__}: {exc.cause}", is_transient(exc)) from None
+    return {"shard_id": spec.shard_id, "counts": record.counts, "wall_time_s": record.wall_time_s}

@@ -20,7 +20,6 @@ the config once per process, so compiled regexes and the like never cross proces
 from __future__ import annotations
 
 import sys
-import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -29,11 +28,19 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
 from shardflow.dataprep.config import PrepConfig
-from shardflow.dataprep.stage import PlannedShard, ShardFailed, ShardSpec, Stage, plan, run_shard
-from shardflow.dataprep.stages import DEFAULT_FACTORY, STAGE_GROUPS, load_factory, select_stages
+from shardflow.dataprep.stage import PlannedShard, ShardSpec, Stage, plan
+from shardflow.dataprep.stages import (
+    DEFAULT_FACTORY,
+    STAGE_GROUPS,
+    ShardTaskError,
+    is_transient,
+    load_factory,
+    run_named_shard,
+    select_stages,
+)
 from shardflow.flows import artifacts
-from shardflow.flows.runners import make_task_runner, prefect_api
-from shardflow.storage import Storage, StorageError, digest_json
+from shardflow.flows.runners import ShardRunner, prefect_api, shard_pool
+from shardflow.storage import Storage
 from shardflow.storage.lock import RootLock
 from shardflow.storage.manifest import list_records
 
@@ -76,50 +83,6 @@ def config_param(cfg: PipelineConfig) -> dict[str, Any]:
 
 # -- retry policy ---------------------------------------------------------------------------------
 
-_PERMANENT_OS_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, FileExistsError)
-_PERMANENT_WORDS = ("FileNotFoundError", "PermissionError", "AccessDenied", "NoSuchBucket", "InvalidAccessKeyId",
-                    "SignatureDoesNotMatch", "NoSuchKey", "IsADirectoryError")
-_TRANSIENT_NAMES = ("Timeout", "Connection", "Throttl", "SlowDown", "ServiceUnavailable", "TemporarilyUnavailable",
-                    "ServerDisconnected", "ClientPayloadError", "IncompleteRead")
-
-
-def _chain(exc: BaseException | None):
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        exc = exc.cause if isinstance(exc, ShardFailed) else exc.__cause__
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Whether retrying could help: storage/network trouble yes, data or code errors no."""
-    chain = list(_chain(exc))
-    if any(isinstance(e, _PERMANENT_OS_ERRORS) for e in chain):
-        return False
-    for e in chain:
-        if isinstance(e, (ConnectionError, TimeoutError)):
-            return True
-        if any(n in cls.__name__ for cls in type(e).__mro__ for n in _TRANSIENT_NAMES):
-            return True
-        if isinstance(e, StorageError):
-            return not any(w in str(e) for w in _PERMANENT_WORDS)
-        if isinstance(e, OSError):
-            return True
-    return False
-
-
-class ShardTaskError(RuntimeError):
-    """A shard failed. Unlike ``ShardFailed`` it pickles (task states cross process boundaries with
-    the process and Ray runners), and it carries the retry decision made where the cause was known."""
-
-    def __init__(self, message: str, transient: bool = False):
-        super().__init__(message, transient)
-        self.message, self.transient = message, transient
-
-    def __str__(self) -> str:
-        return self.message
-
-
 def retry_if_transient(task_obj, task_run, state) -> bool:
     """Prefect ``retry_condition_fn``: retry a shard only on transient storage errors."""
     exc = state.data if isinstance(state.data, BaseException) else state.result(raise_on_failure=False)
@@ -135,31 +98,17 @@ def backoff(retries: int, delay_s: float) -> list[float]:
 
 # -- the shard task -------------------------------------------------------------------------------
 
-_STAGE_CACHE: dict[tuple[str, str], dict[str, Stage]] = {}
-_STAGE_CACHE_LOCK = threading.Lock()
-
-
-def stage_objects(factory: str, prep: PrepConfig) -> dict[str, Stage]:
-    """The stages of ``prep`` built once per process (and config), by name."""
-    key = (factory, digest_json(prep.model_dump(mode="json")))
-    with _STAGE_CACHE_LOCK:
-        stages = _STAGE_CACHE.get(key)
-        if stages is None:
-            stages = {s.name: s for s in load_factory(factory)(prep)}
-            if len(_STAGE_CACHE) > 8:
-                _STAGE_CACHE.clear()
-            _STAGE_CACHE[key] = stages
-    return stages
-
-
 @task(name="shard", cache_policy=NO_CACHE, persist_result=False, task_run_name="{stage}-{spec.shard_id}")
-def shard_task(stage: str, spec: ShardSpec, prep: PrepConfig, storage: Storage, factory: str = DEFAULT_FACTORY) -> dict[str, Any]:
-    """Process one shard (outputs, then its manifest record); returns the record's counters."""
-    try:
-        record = run_shard(stage_objects(factory, prep)[stage], storage, spec)
-    except ShardFailed as exc:  # the failed record is written; report the cause, picklable
-        raise ShardTaskError(f"{type(exc.cause).__name__}: {exc.cause}", is_transient(exc)) from None
-    return {"shard_id": spec.shard_id, "counts": record.counts, "wall_time_s": record.wall_time_s}
+def shard_task(stage: str, spec: ShardSpec, prep: PrepConfig, storage: Storage, factory: str = DEFAULT_FACTORY,
+               pool: str | None = None) -> dict[str, Any]:
+    """Process one shard (outputs, then its manifest record); returns the record's counters.
+
+    ``pool``: run the shard body in that process pool of this process (the ``executor`` flavour of
+    the process runner: the task itself is orchestrated from a thread), else right here.
+    """
+    if pool is None:
+        return run_named_shard(factory, prep, stage, spec, storage)
+    return shard_pool(pool).submit(run_named_shard, factory, prep, stage, spec, storage).result()
 
 
 # -- one stage ------------------------------------------------------------------------------------
@@ -274,9 +223,10 @@ def _prep(selection: str | list[str], config: Any, config_path: str | None, over
             unknown = sorted(only - known)
             if unknown:
                 raise ValueError(f"stage {stages[0].name!r} has no shard(s) {unknown}; known: {sorted(known)[:20]}")
-        logger.info("%s: stages %s on %s, runner %s, %d worker(s)", flow_label, [s.name for s in stages], storage.root,
-                    kind, cfg.prep.workers)
-        with make_task_runner(kind, cfg.prep.workers, ray_address or cfg.flows.ray_address) as task_runner:
+        shard_runner = ShardRunner(kind, cfg.prep.workers, ray_address or cfg.flows.ray_address, cfg.flows.process_pool)
+        logger.info("%s: stages %s on %s, runner %s", flow_label, [s.name for s in stages], storage.root,
+                    shard_runner.describe())
+        with shard_runner as task_runner:
             for stage in stages:
                 summary = run_stage_tasks(stage, storage, cfg, task_runner, only, force, stage_factory, flow_label)
                 summaries.append(summary)

@@ -41,7 +41,8 @@ class LoaderConfig(_Section):
     group_batches: int | None = Field(
         None, ge=1, description="Batches assembled and handed over together (amortizes per-batch overhead); "
         "None = about 256 Ki tokens in-process, 2 Mi tokens from DataLoader workers, at most 64 batches.")
-    io_threads: int = Field(4, ge=1, description="Concurrent byte-range reads per worker.")
+    io_threads: int | None = Field(
+        None, ge=0, description="Concurrent member reads per worker; 0 = in the loader thread; None = 0 for local roots, 4 for object stores.")
     coalesce_gap_bytes: int | None = Field(
         None, ge=0, description="Merge row reads of a member separated by at most this many bytes; None = 64 KiB locally, 4 MiB on object stores.")
     verify_digests: bool = Field(False, description="Check each shard's sha256 against the index before its first use (reads the whole shard once per process).")

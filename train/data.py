@@ -32,9 +32,10 @@ start), and fetches them per member: on object stores with byte-range reads merg
 under ``coalesce_gap_bytes`` (a range GET costs far more than a few KiB), locally by reading straight
 into the window's buffer. Each fetch also reads the member's 512-byte tar header and its .npy
 header and checks both against the index, so a stale index, a shifted offset, a foreign member name
-or a pickled array is an error naming the shard and the member, not garbage tokens. Reads run
-ahead in a small thread pool (bounded by ``prefetch_members``) while another thread assembles
-groups of batches, so the trainer finds them ready.
+or a pickled array is an error naming the shard and the member, not garbage tokens. A loader
+thread reads ahead (bounded by ``prefetch_members``; through a pool of ``io_threads`` on object
+stores, where latency must be overlapped) and assembles groups of batches, so the trainer finds
+them ready.
 
 What bounds throughput: batches are int64 (the trainer's contract), i.e. 8 bytes written per 2-byte
 token read, so widening, not I/O, dominates on local disk; bench/loader.py measures it against the
@@ -641,12 +642,13 @@ class _Reader:
 class ShardDataset(IterableDataset):
     """One rank's slice of the global stream, in *groups* of batches.
 
-    Yields tensors ``(n, batch_size, seq_len + 1)``: ``n`` (at most ``group_batches``, fewer only
-    at the end of a finite stream) consecutive batches of this rank, assembled in one go and
-    handed over as one object -- per-batch hand-over (queues, DataLoader IPC, shared-memory
-    segments) would cost more than reading the bytes. In the trainer's process groups are int64;
-    in DataLoader worker processes they keep the shards' dtype (4x less to pass between processes)
-    and :class:`StatefulLoader` widens them. Rank batch ``t`` goes to worker ``(t // group) % n``.
+    Yields groups of ``n`` (at most ``group_batches``, fewer only at the end of a finite stream)
+    consecutive batches of this rank, assembled in one go and handed over as one object --
+    per-batch hand-over (queues, DataLoader IPC, shared-memory segments) would cost more than
+    reading the bytes. In the trainer's process a group is a list of int64 ``(batch_size,
+    seq_len + 1)`` tensors; in a DataLoader worker process it is one ``(n, batch_size, seq_len + 1)``
+    tensor of the shards' dtype (4x less to pass between processes) that :class:`StatefulLoader`
+    widens. Rank batch ``t`` goes to worker ``(t // group) % n``.
     ``start``/``stop`` are global positions; ``stop=None`` streams forever (epochs roll over).
     """
 
@@ -664,7 +666,7 @@ class ShardDataset(IterableDataset):
         group_batches: int | None = None,
         prefetch_members: int = 8,
         prefetch_batches: int = 4,
-        io_threads: int = 4,
+        io_threads: int | None = None,
         coalesce_gap_bytes: int | None = None,
         verify_digests: bool = False,
         cache_dir: str | None = None,
@@ -928,10 +930,26 @@ class _Failure:
         self.exc = exc
 
 
+class _InlineExecutor:
+    """``submit`` runs the call at once: local reads from the page cache are memory copies, and
+    handing them to other threads costs more (GIL hand-offs) than it overlaps."""
+
+    def submit(self, fn, *args) -> Future:
+        fut: Future = Future()
+        try:
+            fut.set_result(fn(*args))
+        except BaseException as exc:  # noqa: BLE001 - delivered through the future, like a pool
+            fut.set_exception(exc)
+        return fut
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        pass
+
+
 class _Pipeline:
-    """One worker's threads, three stages deep: the producer walks the plan and keeps up to
-    ``prefetch_members`` member reads ahead (io pool); one assembler thread gathers each group
-    from its windows' buffers, widening to int64; the consumer takes finished groups in order."""
+    """One worker's loader thread: walks the plan, keeps up to ``prefetch_members`` member reads
+    ahead (in a pool of ``io_threads``, or in this thread for local files), assembles each group
+    from its windows' buffers (widening to int64) and queues it for the consumer, in order."""
 
     def __init__(self, ds: ShardDataset, sources: list[_Source], worker: int, nworkers: int, wide: bool):
         self.ds = ds
@@ -943,28 +961,24 @@ class _Pipeline:
         self.out: queue.Queue = queue.Queue(maxsize=max(2, -(-ds.prefetch_batches // ds.group)))
         self.halt = threading.Event()
         self._spare: list[np.ndarray] = []
-        self._spare_lock = threading.Lock()
-        self.pool = ThreadPoolExecutor(max_workers=ds.io_threads, thread_name_prefix="shardflow-read")
-        self.assembler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardflow-assemble")
+        threads = ds.io_threads if ds.io_threads is not None else (0 if all(s.storage.is_local for s in sources) else 4)
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="shardflow-read") if threads else _InlineExecutor()
         self.thread = threading.Thread(target=self._run, args=(iter(_Planner(ds, worker, nworkers)),),
                                        name="shardflow-loader", daemon=True)
         self.thread.start()
 
-    def get(self) -> torch.Tensor | None:
+    def get(self) -> torch.Tensor | list[torch.Tensor] | None:
         item = self.out.get()
         if isinstance(item, _Failure):
             raise item.exc
-        return item.result() if isinstance(item, Future) else item
+        return item
 
     def close(self) -> None:
         self.halt.set()
         with contextlib.suppress(queue.Empty):
             while True:
-                item = self.out.get_nowait()
-                if isinstance(item, Future):
-                    item.cancel()
+                self.out.get_nowait()
         self.thread.join(timeout=30)
-        self.assembler.shutdown(wait=True, cancel_futures=True)
         self.pool.shutdown(wait=True, cancel_futures=True)
 
     def _put(self, item: Any) -> bool:
@@ -1007,42 +1021,55 @@ class _Pipeline:
                 ahead -= len(ev.units)
                 windows[ev.key] = ev
             elif isinstance(ev, _Drop):
-                # after the assembler is done with it (it runs its jobs in order)
-                self.assembler.submit(self._recycle, windows.pop(ev.key))
-            elif not self._put(self.assembler.submit(self._assemble, ev, [windows[key] for key, _, _ in ev.parts])):
+                self._recycle(windows.pop(ev.key))
+            elif not self._put(self._assemble(ev, [windows[key] for key, _, _ in ev.parts])):
                 return
 
-    def _assemble(self, ev: _Batch, wins: list[_Window]) -> torch.Tensor:
-        n = ev.n * self.ds.batch_size
-        if self.wide and self.ds.pin_memory:
-            group = torch.empty((n, self.row_len), dtype=torch.int64, pin_memory=True)
-        else:
-            # numpy's allocator, not torch.empty: torch advises huge pages for large CPU tensors,
-            # and faulting those in costs more than filling them.
-            group = torch.from_numpy(np.empty((n, self.row_len), dtype=np.int64 if self.wide else self.dtype))
-        out = group.numpy()
-        for win, (_, idx, slots) in zip(wins, ev.parts):
+    def _assemble(self, ev: _Batch, wins: list[_Window]) -> torch.Tensor | list[torch.Tensor]:
+        """The group's rows gathered from its windows: int64 batches in the trainer's process, one
+        array of the shards' dtype in a worker process (one object to pass between processes)."""
+        B = self.ds.batch_size
+        for win in wins:
             for fut in win.futures:
                 fut.result()
-            _gather(out, idx, win.buf, slots)
-        return group.view(ev.n, self.ds.batch_size, self.row_len)
+        if not self.wide:
+            group = np.empty((ev.n * B, self.row_len), dtype=self.dtype)
+            for win, (_, idx, slots) in zip(wins, ev.parts):
+                _gather(group, idx, win.buf, slots)
+            return torch.from_numpy(group).view(ev.n, B, self.row_len)
+        # One array per batch, not one per group: batch-sized blocks are recycled by malloc, while a
+        # fresh multi-MiB block is mapped anew and page-faulted in (zeroed by the kernel) as it is
+        # filled, which doubles the cost of the widening. Pinned memory has its own caching allocator.
+        if self.ds.pin_memory:
+            outs = [torch.empty((B, self.row_len), dtype=torch.int64, pin_memory=True) for _ in range(ev.n)]
+        else:
+            outs = [torch.from_numpy(np.empty((B, self.row_len), dtype=np.int64)) for _ in range(ev.n)]
+        arrays = [t.numpy() for t in outs]
+        for win, (_, idx, slots) in zip(wins, ev.parts):
+            if isinstance(idx, slice):
+                lo, hi = idx.start, idx.stop
+                for i in range(lo // B, (hi - 1) // B + 1):
+                    a, b = max(lo, i * B), min(hi, (i + 1) * B)
+                    _gather(arrays[i], slice(a - i * B, b - i * B), win.buf, slots[a - lo : b - lo])
+            else:
+                which = idx // B
+                for i in np.unique(which).tolist():
+                    sel = which == i
+                    arrays[i][idx[sel] - i * B] = win.buf[slots[sel]]
+        return outs
 
     def _window_buffer(self, n: int) -> np.ndarray:
         """Reuse the buffers of dropped windows (all about the same size): fresh multi-MiB arrays
         are page-faulted in on first touch, which costs as much as the copy into them."""
-        with self._spare_lock:
-            for i, buf in enumerate(self._spare):
-                if buf.shape[0] >= n:
-                    del self._spare[i]
-                    return buf[:n]
+        for i, buf in enumerate(self._spare):
+            if buf.shape[0] >= n:
+                del self._spare[i]
+                return buf[:n]
         return np.empty((max(n, 1), self.row_len), dtype=self.dtype)[:n]
 
     def _recycle(self, win: _Window) -> None:
-        if win.buf is not None and all(f.done() for f in win.futures):
-            base = win.buf.base if win.buf.base is not None else win.buf
-            with self._spare_lock:
-                if len(self._spare) < 4:
-                    self._spare.append(base)
+        if win.buf is not None and all(f.done() for f in win.futures) and len(self._spare) < 4:
+            self._spare.append(win.buf.base if win.buf.base is not None else win.buf)
         win.buf = None
 
 
@@ -1132,8 +1159,8 @@ class StatefulLoader:
         end = self.epochs * self.samples_per_epoch
         return start + max(0, (end - start) // step) * step
 
-    def _batches(self, group: torch.Tensor) -> Iterator[torch.Tensor]:
-        if group.dtype == torch.int64:
+    def _batches(self, group: torch.Tensor | list[torch.Tensor]) -> Iterator[torch.Tensor]:
+        if isinstance(group, list) or group.dtype == torch.int64:
             yield from group
             return
         # From worker processes: widen here, one batch at a time (small allocations are recycled by

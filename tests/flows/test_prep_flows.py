@@ -10,7 +10,8 @@ import os
 
 import pytest
 
-from shardflow.flows.prep_flows import is_transient, run_prep
+from shardflow.dataprep.stages import is_transient
+from shardflow.flows.prep_flows import run_prep
 from shardflow.flows.status import collect_status
 from shardflow.storage import Storage, StorageError
 from shardflow.storage.manifest import read_record
@@ -146,7 +147,10 @@ def test_transient_storage_error_is_retried(tmp_path, corpus):
 
 
 def test_retry_policy_separates_transient_from_data_errors():
+    import pickle
+
     from shardflow.dataprep.stage import ShardFailed
+    from shardflow.dataprep.stages import ShardTaskError
     from shardflow.storage.jsonl import CorruptInputError
 
     assert is_transient(ShardFailed("s", "1", ConnectionResetError("reset by peer")))
@@ -156,12 +160,15 @@ def test_retry_policy_separates_transient_from_data_errors():
     assert not is_transient(ShardFailed("s", "1", StorageError("cannot read s3://b/k: PermissionError: AccessDenied")))
     assert not is_transient(ShardFailed("s", "1", CorruptInputError("f.jsonl.zst", 3, "truncated zstd stream")))
     assert not is_transient(ValueError("bad document"))
+    err = pickle.loads(pickle.dumps(ShardTaskError("ConnectionResetError: reset", True)))
+    assert is_transient(err) and str(err) == "ConnectionResetError: reset"
 
 
-def test_process_runner_writes_the_same_bytes_and_reports_failures(tmp_path, corpus, done_root):
+@pytest.mark.parametrize("flavour", ["prefect", "executor"])
+def test_process_runner_writes_the_same_bytes_and_reports_failures(tmp_path, corpus, done_root, flavour):
     # A fourth input file whose shard fails: the error crosses the process boundary intact.
     (corpus / "part-3.jsonl").write_text(json.dumps({"id": "p", "text": "POISON pill"}) + "\n")
-    cfg = toy_config(tmp_path / "root-processes", corpus, "flows.runner=process")
+    cfg = toy_config(tmp_path / "root-processes", corpus, "flows.runner=process", f"flows.process_pool={flavour}")
     out = prep(cfg)
     assert not out["ok"] and "000003: ValueError:" in out["error"] and "part-3.jsonl:1" in out["error"]
     assert ran_shards(out["flow_run_id"], 4) == ["upper-000000", "upper-000001", "upper-000002", "upper-000003"]

@@ -14,6 +14,7 @@ reads; the flows' per-shard task retries redo a shard whose storage error got th
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -36,7 +37,7 @@ def _client(endpoint):
                         aws_secret_access_key="testing")
 
 
-def upload_corpus(endpoint: str, bucket: str, n_lines: int = 450, n_files: int = 3) -> str:
+def upload_corpus(endpoint: str, bucket: str, n_lines: int = 300, n_files: int = 3) -> str:
     lines = demo_lines()[:n_lines]
     client = _client(endpoint)
     for i in range(n_files):
@@ -81,12 +82,22 @@ def run_prep(cfg):
     return _run(cfg)
 
 
-@pytest.fixture
-def s3_reference(s3_endpoint, s3_bucket):
-    inputs = upload_corpus(s3_endpoint, s3_bucket)
-    out = run_prep(s3_config(s3_endpoint, s3_bucket, "ref", inputs))
+@pytest.fixture(scope="module")
+def shared_bucket(s3_endpoint):
+    """One bucket for the module: the fault-free reference is built once and shared."""
+    import uuid
+
+    name = f"rel-{uuid.uuid4().hex[:12]}"
+    _client(s3_endpoint).create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="module")
+def s3_reference(s3_endpoint, shared_bucket, prefect_server):
+    inputs = upload_corpus(s3_endpoint, shared_bucket)
+    out = run_prep(s3_config(s3_endpoint, shared_bucket, "ref", inputs))
     assert out["ok"], out
-    ref = outputs_of(objects(s3_endpoint, s3_bucket, "ref"))
+    ref = outputs_of(objects(s3_endpoint, shared_bucket, "ref"))
     assert any(k.startswith("shards/") and k.endswith(".tar") for k in ref)
     return inputs, ref
 
@@ -99,7 +110,8 @@ def pipeline_with_faults(s3_endpoint, s3_bucket, inputs, rate: float, seed: int,
     return {"out": out, "stats": dict(proxy.stats), "wall_s": round(wall, 1)}
 
 
-def test_five_percent_faults_complete_with_identical_outputs(s3_endpoint, s3_bucket, s3_reference, tmp_path):
+def test_five_percent_faults_complete_with_identical_outputs(s3_endpoint, shared_bucket, s3_reference, tmp_path):
+    s3_bucket = shared_bucket
     inputs, ref = s3_reference
     res = pipeline_with_faults(s3_endpoint, s3_bucket, inputs, 0.05, seed=1, prefix="faulty")
     print(f"s3 faults 5%: {res['stats']} in {res['wall_s']}s")
@@ -111,7 +123,8 @@ def test_five_percent_faults_complete_with_identical_outputs(s3_endpoint, s3_buc
     check_root_sound(mirror_locally(got, tmp_path / "faulty"))
 
 
-def test_all_requests_failing_is_a_clear_error_and_nothing_half_published(s3_endpoint, s3_bucket, s3_reference, tmp_path):
+def test_all_requests_failing_is_a_clear_error_and_nothing_half_published(s3_endpoint, shared_bucket, s3_reference, tmp_path):
+    s3_bucket = shared_bucket
     inputs, ref = s3_reference
     few_retries = {"config_kwargs": {"retries": {"max_attempts": 2, "mode": "standard"},
                                                    "connect_timeout": 2, "read_timeout": 5}}
@@ -151,3 +164,88 @@ def test_all_requests_failing_is_a_clear_error_and_nothing_half_published(s3_end
     again = run_prep(cfg)
     assert again["ok"], again
     assert outputs_of(objects(s3_endpoint, s3_bucket, "dead")) == ref
+
+
+# -- the root lock on S3 ------------------------------------------------------------------------------
+
+def _plant_lock(endpoint, bucket, prefix, **fields):
+    import socket
+
+    body = {"token": "someone-else", "purpose": "shardflow prep", "host": socket.gethostname(), "pid": 1,
+            "acquired_at": time.time() - 100, "expires_at": time.time() + 3600, **fields}
+    _client(endpoint).put_object(Bucket=bucket, Key=f"{prefix}/_lock.json", Body=json.dumps(body).encode())
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_stale_s3_locks_are_taken_over_and_live_ones_refused(s3_endpoint, s3_bucket):
+    from shardflow.storage.lock import LockHeld, RootLock
+
+    storage = Storage.from_config(StorageConfig(root=f"s3://{s3_bucket}/root", endpoint_url=s3_endpoint, key="testing",
+                                                secret="testing", region="us-east-1"))
+    # A live run elsewhere (another host, lease not expired): refused, naming it.
+    _plant_lock(s3_endpoint, s3_bucket, "root", host="other-host", pid=4242)
+    with pytest.raises(LockHeld, match=r"shardflow prep run \(host other-host, pid 4242"):
+        RootLock(storage, purpose="second").acquire()
+    # Its lease ran out (the run was killed and stopped refreshing): taken over.
+    _plant_lock(s3_endpoint, s3_bucket, "root", host="other-host", pid=4242, expires_at=time.time() - 1)
+    with RootLock(storage, purpose="after-expiry"):
+        assert b"after-expiry" in storage.read_bytes("_lock.json")
+    # A run on this host whose process is gone: taken over at once.
+    _plant_lock(s3_endpoint, s3_bucket, "root", pid=_dead_pid())
+    with RootLock(storage, purpose="after-death"):
+        assert b"after-death" in storage.read_bytes("_lock.json")
+    assert not storage.exists("_lock.json")
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("prefect_server")
+def test_two_concurrent_cli_runs_on_one_s3_root(s3_endpoint, shared_bucket, s3_reference, tmp_path):
+    """As the local test in test_crash.py, on S3: the second run is refused while the first holds
+    the lock (conditional PUT), the first completes, and a third run waiting for the lock succeeds."""
+    import signal
+    import yaml
+
+    from .test_crash import _prefect_env, cli
+
+    inputs, ref = s3_reference
+    cfg = s3_config(s3_endpoint, shared_bucket, "pair", inputs)
+    data = cfg.model_dump(mode="json")
+    data["storage"]["key"], data["storage"]["secret"] = "testing", "testing"
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(data))
+    env = _prefect_env()
+    args = ["prep", "all", "--runner", "thread", "--config", str(path)]
+    first = cli(args, env)
+    client = _client(s3_endpoint)
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline:
+            try:
+                body = client.get_object(Bucket=shared_bucket, Key="pair/_lock.json")["Body"].read()
+                if f'"pid": {first.pid}'.encode() in body:
+                    first.send_signal(signal.SIGSTOP)
+                    break
+            except client.exceptions.NoSuchKey:
+                pass
+            assert first.poll() is None, first.communicate()[1].decode()[-3000:]
+            time.sleep(0.01)
+        second = cli(args, env)
+        out, err = second.communicate(timeout=300)
+        waiter = cli([*args, "--set", "flows.lock_wait_s=300"], env)
+        time.sleep(5)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    text = out.decode() + err.decode()
+    assert second.returncode == 1 and "is locked by a shardflow prep run" in text and f"pid {first.pid}" in text, text[-3000:]
+    assert first.wait(timeout=300) == 0
+    wout, werr = waiter.communicate(timeout=300)
+    assert waiter.returncode == 0, werr.decode()[-3000:]
+    assert outputs_of(objects(s3_endpoint, shared_bucket, "pair")) == ref
