@@ -188,7 +188,7 @@ def run_stage_tasks(stage: Stage, storage: Storage, cfg: PipelineConfig, runner,
                 progress.advance()
 
     records = list_records(storage, stage.name)
-    rows = [artifacts.shard_row(sid, states.get(sid, "done"), records.get(sid)) for sid in sorted(ids)]
+    rows = [artifacts.shard_row(sid, states.get(sid, "not selected"), records.get(sid)) for sid in sorted(ids)]
     table = artifacts.stage_table(rows)
     summary = artifacts.stage_summary(stage.name, table, ran=len(ran), skipped=len(planned) - len(pending),
                                       failed=sorted(failed), wall_s=time.perf_counter() - t0)

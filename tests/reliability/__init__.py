@@ -82,6 +82,11 @@ def small_prep_config(root: str, inputs_glob: str, *overrides: str):
     return PrepConfig.model_validate(data), StorageConfig(root=root)
 
 
+def report(suite: str, **fields: Any) -> None:
+    """One machine-readable figure line (``bench/reliability.py`` collects them from ``pytest -s``)."""
+    print("RELIABILITY " + json.dumps({"suite": suite, **fields}, sort_keys=True), flush=True)
+
+
 # -- kill hook: SIGKILL at the n-th write event ---------------------------------------------------
 
 class _CountingFile:
@@ -110,7 +115,7 @@ class _CountingFile:
 
 class KillHook:
     """Counts write events of :meth:`Storage.atomic_write` (open, every write call, before publish,
-    after publish) and SIGKILLs this process at event ``kill_at`` (0 = never, only count).
+    after publish) and read calls, and SIGKILLs this process at event ``kill_at`` (0 = never, only count).
 
     Why events rather than wall-clock delays: a seeded event number names the same instant on every
     machine however loaded (a delay mostly lands in the interpreter start-up on a busy 2-core runner),
@@ -149,6 +154,18 @@ class KillHook:
             hook.tick()  # published under its final name
 
         store.Storage.atomic_write = atomic_write
+        # Reads count too: a kill while a stage is still reading its inputs (or the tokenizer its
+        # sample) is an instant like any other, with nothing under way to publish.
+        self._orig_reads = {}
+        for name in ("open_read", "read_bytes", "read_range"):
+            orig_read = getattr(store.Storage, name)
+            self._orig_reads[name] = orig_read
+
+            def counted(storage, *a, _orig_fn=orig_read, **kw):
+                hook.tick()
+                return _orig_fn(storage, *a, **kw)
+
+            setattr(store.Storage, name, counted)
         return self
 
     def uninstall(self) -> None:
@@ -157,6 +174,9 @@ class KillHook:
         if self._orig is not None:
             store.Storage.atomic_write = self._orig
             self._orig = None
+        for name, orig_read in getattr(self, "_orig_reads", {}).items():
+            setattr(store.Storage, name, orig_read)
+        self._orig_reads = {}
 
     def __enter__(self) -> "KillHook":
         return self.install()

@@ -21,7 +21,7 @@ from shardflow.dataprep.stages import build_stages
 from shardflow.storage import Storage
 from shardflow.storage.jsonl import iter_jsonl
 
-from . import check_root_sound, demo_lines, small_prep_config
+from . import check_root_sound, demo_lines, report, small_prep_config
 
 BIG = 20 << 20  # a 20 MB document: over the default max_doc_bytes (8 MiB), read in bounded memory
 
@@ -155,3 +155,6 @@ def test_every_good_record_reaches_the_clean_output(bad_run):
     assert counts["docs_out"] == len(good_ids)
     assert sum(v for k, v in counts.items() if k.startswith("quarantined.")) == len(BAD_RECORDS) + 3
     assert counts.get("empty_files", 0) == 1, counts
+    report("bad_input", good_records=len(good_ids), kept=len(out_ids),
+           quarantined=sum(v for k, v in counts.items() if k.startswith("quarantined.")),
+           reasons={k.split(".", 1)[1]: v for k, v in sorted(counts.items()) if k.startswith("quarantined.")})

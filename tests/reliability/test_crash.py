@@ -29,7 +29,7 @@ from shardflow.dataprep.stage import plan, run_stage
 from shardflow.dataprep.stages import STAGE_GROUPS, build_stages, select_stages
 from shardflow.storage import Storage
 
-from . import (KillHook, check_root_sound, copy_root, diff_snapshots, run_stage_child, small_prep_config, snapshot,
+from . import (KillHook, report, check_root_sound, copy_root, diff_snapshots, run_stage_child, small_prep_config, snapshot,
                temp_litter, write_small_corpus)
 
 GROUPS = list(STAGE_GROUPS)
@@ -112,7 +112,8 @@ def _run_points(ref: Reference, stage_names: list[str], n: int, seed: int, work:
 def test_kill_stage_group_at_random_points_then_resume(reference, group, tmp_path):
     stage_names = list(STAGE_GROUPS[group])
     results = _run_points(reference, stage_names, CI_POINTS, seed=sum(map(ord, group)), work=tmp_path / "work")
-    print(f"crash {group}: {results}")
+    report("crash", stage=f"{group} (CI group)", points=len(results), killed=sum(r["killed"] for r in results), identical=True,
+           kill_at=[r["kill_at"] for r in results], events=results[0]["events"], files_checked=sum(r["zst"] + r["tar"] + r["parquet"] + r["json"] for r in results))
     assert all(r["killed"] for r in results), results
 
 
@@ -120,13 +121,14 @@ def test_kill_stage_group_at_random_points_then_resume(reference, group, tmp_pat
 @pytest.mark.parametrize("stage", ALL_STAGES)
 def test_kill_each_stage_at_20_points_then_resume(reference, stage, tmp_path):
     results = _run_points(reference, [stage], FULL_POINTS, seed=1000 + sum(map(ord, stage)), work=tmp_path / "work")
-    assert all(r["killed"] for r in results), results
-    print(f"crash {stage}: {json.dumps({'points': len(results), 'killed': sum(r['killed'] for r in results)})}")
+    assert len(results) == FULL_POINTS and all(r["killed"] for r in results), results
+    report("crash", stage=stage, points=len(results), killed=sum(r["killed"] for r in results), identical=True,
+           kill_at=[r["kill_at"] for r in results], events=results[0]["events"], files_checked=sum(r["zst"] + r["tar"] + r["parquet"] + r["json"] for r in results))
 
 
 def test_kill_points_are_spread_over_the_events(reference):
     """The hook counts real work: every stage writes, and the points cover the whole range."""
-    assert all(reference.events[s] >= 3 for s in ALL_STAGES), reference.events
+    assert all(reference.events[s] >= FULL_POINTS for s in ALL_STAGES), reference.events
     pts = kill_points(1000, 20, 7)
     assert len(set(pts)) == 20 and min(pts) < 300 and max(pts) > 700
 
@@ -200,12 +202,14 @@ def train_reference(train_root, tmp_path_factory) -> Storage:
 def test_kill_training_at_a_random_point_then_resume_bitwise(train_reference, tmp_path):
     info = kill_training(train_reference, "crash-ci", tmp_path, seed=5)
     assert info["killed"], info
+    report("crash", stage="train", points=1, killed=int(info["killed"]), identical=True, resumed_from=[info["resumed_from"]])
 
 
 @pytest.mark.slow
 def test_kill_training_at_20_points_then_resume_bitwise(train_reference, tmp_path):
     results = [kill_training(train_reference, f"crash-{i}", tmp_path, seed=100 + i) for i in range(FULL_POINTS)]
-    print(f"crash train: {json.dumps({'points': len(results), 'killed': sum(r['killed'] for r in results), 'resumed_from': [r['resumed_from'] for r in results]})}")
+    report("crash", stage="train", points=len(results), killed=sum(r["killed"] for r in results), identical=True,
+           resumed_from=[r["resumed_from"] for r in results])
     assert sum(r["killed"] for r in results) >= FULL_POINTS - 2, results
 
 
@@ -245,9 +249,10 @@ def test_verify_reports_corrupted_shard_and_output_and_rerun_redoes_only_them(re
         path.write_bytes(bytes(data))
     capsys.readouterr()
     assert main(["verify", *args]) == 1
-    report = capsys.readouterr().out
-    assert "train-000003.tar" in report and "stage filter shard 000001" in report, report
-    assert report.count("PROBLEM") >= 2, report
+    text = capsys.readouterr().out
+    assert "train-000003.tar" in text and "stage filter shard 000001" in text, text
+    assert text.count("PROBLEM") >= 2, text
+    report_count = text.count("PROBLEM")
     storage = Storage(str(work))
     ran = {st.name: run_stage(st, storage)["ran"] for st in reference.stages}
     # The filter shard is redone with the same bytes, so nothing downstream of it is stale; the
@@ -257,6 +262,8 @@ def test_verify_reports_corrupted_shard_and_output_and_rerun_redoes_only_them(re
     assert not diff_snapshots(reference.final, snapshot(work))
     capsys.readouterr()
     assert main(["verify", *args]) == 0
+    with capsys.disabled():
+        report("verify", corrupted=2, reported=report_count, redone={k: v for k, v in ran.items() if v}, identical=True)
 
 
 # -- concurrency: two runs on one root --------------------------------------------------------------
