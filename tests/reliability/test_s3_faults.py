@@ -145,8 +145,8 @@ def test_all_requests_failing_is_a_clear_error_and_nothing_half_published(s3_end
     assert not out["ok"]
     err = out["error"]
     assert s3_bucket in err or "stage" in err, err  # names the object (URI) or the stage and shard
-    assert any(w in err for w in ("InternalError", "SlowDown", "reset", "Connection", "Payload", "503", "500",
-                                  "ServerDisconnected", "timeout", "Timeout")), err
+    assert any(w in err for w in ("InternalError", "internal error", "SlowDown", "reduce your request rate", "reset",
+                                  "Connection", "Payload", "503", "500", "ServerDisconnected", "timeout", "Timeout")), err
     got = objects(s3_endpoint, s3_bucket, "dead")
     check_root_sound(mirror_locally(got, tmp_path / "dead"))  # every object that is there verifies
     # Whatever the dead run published is either an exact reference output or not there at all …
