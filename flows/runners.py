@@ -38,7 +38,7 @@ RUNNER_KINDS = ("process", "thread", "sequential", "ray")
 
 try:  # Prefect >= 3.5
     from prefect.task_runners import ProcessPoolTaskRunner
-except ImportError:  # pragma: no cover - older Prefect: thread runner + shard work in subprocesses
+except ImportError:  # pragma: no cover - older Prefect: the executor flavour (threads + process pool)
     ProcessPoolTaskRunner = None  # type: ignore[assignment,misc]
 
 
@@ -48,7 +48,7 @@ def make_task_runner(kind: str = "process", workers: int = 2, ray_address: str |
     workers = max(1, int(workers))
     if kind == "process":
         if ProcessPoolTaskRunner is None:  # pragma: no cover
-            raise RuntimeError("this Prefect has no ProcessPoolTaskRunner (needs prefect>=3.5); use --runner thread or ray")
+            raise RuntimeError("this Prefect has no ProcessPoolTaskRunner (prefect>=3.5); use flows.process_pool=executor")
         return ProcessPoolTaskRunner(max_workers=workers)
     if kind == "thread":
         return ThreadPoolTaskRunner(max_workers=workers)
@@ -67,15 +67,6 @@ def make_task_runner(kind: str = "process", workers: int = 2, ray_address: str |
             ray_address = None
         return RayTaskRunner(address=ray_address, init_kwargs=init_kwargs)
     raise ValueError(f"unknown task runner {kind!r}; choose one of {', '.join(RUNNER_KINDS)}")
-
-
-def runner_workers(runner: TaskRunner) -> int | None:
-    """How many shards the runner runs at once, where it says (for logs)."""
-    for attr in ("_max_workers", "max_workers"):
-        value = getattr(runner, attr, None)
-        if isinstance(value, int):
-            return value
-    return None
 
 
 @contextlib.contextmanager
@@ -125,7 +116,7 @@ class ShardRunner:
     def __init__(self, kind: str = "process", workers: int = 2, ray_address: str | None = None,
                  process_pool: str = "prefect", ray_init_kwargs: dict[str, Any] | None = None):
         self.kind, self.workers = kind, max(1, int(workers))
-        self.use_executor = kind == "process" and process_pool == "executor"
+        self.use_executor = kind == "process" and (process_pool == "executor" or ProcessPoolTaskRunner is None)
         self.task_runner = (ThreadPoolTaskRunner(max_workers=self.workers) if self.use_executor
                             else make_task_runner(kind, self.workers, ray_address, ray_init_kwargs))
         self.pool_id: str | None = None
