@@ -23,7 +23,7 @@ class FlowsConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     runner: Literal["process", "thread", "ray", "sequential"] = "process"
     process_pool: Literal["prefect", "executor"] = Field(
-        "prefect", description="runner=process: 'prefect' = Prefect's ProcessPoolTaskRunner (task engine in each worker); "
+        "executor", description="runner=process: 'prefect' = Prefect's ProcessPoolTaskRunner (task engine in each worker); "
                                "'executor' = tasks on threads, shard bodies in a plain process pool (much less per-task overhead).")
     ray_address: str | None = None
     retries: int = 2

@@ -1,7 +1,7 @@
 """Deployments for the Prefect UI: the pipeline, each prep stage, training and evaluation.
 
 ``shardflow serve`` serves all of them from one long-lived process (``prefect.serve``): runs start
-as subprocesses of it, on this machine. ``prefect.yaml`` declares the same deployments for work
+as subprocesses of it, on this machine. ``configs/prefect.yaml`` declares the same deployments for work
 pools (CPU pool for preparation, a Kubernetes GPU pool for training, see flows/gpu-job-template.json
 and docs/orchestration.md).
 

@@ -1180,8 +1180,11 @@ class StatefulLoader:
         start = self._position
         ds = self.dataset.with_range(start, self._stop(start))
         if self.num_workers:
+            # forkserver, not fork: the trainer's process holds threads (prefetch, Prefect, Ray,
+            # NCCL) and forking a threaded process can leave a worker with a held lock, dead at start.
             source = iter(DataLoader(ds, batch_size=None, num_workers=self.num_workers, prefetch_factor=2,
-                                     pin_memory=False))
+                                     pin_memory=False, multiprocessing_context="forkserver",
+                                     persistent_workers=False))
         else:
             ds.pin_memory = self.pin_memory
             source = iter(ds)

@@ -138,10 +138,11 @@ def test_prefect_yaml_deploys_to_work_pools(tmp_path):
     config = tmp_path / "pipeline.yaml"
     config.write_text("storage:\n  root: /data/shardflow\n")
     env = {**os.environ, "PREFECT_API_URL": api_url(), "SHARDFLOW_CONFIG": str(config)}
-    run = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"], cwd=REPO, env=env,
+    run = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all",
+                          "--prefect-file", str(REPO / "configs" / "prefect.yaml")], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    spec = yaml.safe_load((REPO / "configs" / "prefect.yaml").read_text())
     deps = {d["name"]: d for d in asyncio.run(_read_deployments()) if d["parameters"].get("config_path") == str(config)}
     assert sorted(deps) == sorted(d["name"] for d in spec["deployments"])
     assert deps["train"]["work_pool_name"] == "gpu-pool" and deps["prep-clean"]["work_pool_name"] == "cpu-pool"
