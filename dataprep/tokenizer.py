@@ -174,25 +174,28 @@ def _encode_varint(value: int) -> bytes:
             return bytes(out)
 
 
-def _proto_fields(data: bytes) -> Iterator[tuple[int, bytes]]:
-    """(field number, raw bytes of the whole field incl. tag) of a serialized protobuf message."""
+def proto_fields(data: bytes) -> Iterator[tuple[int, int | bytes, bytes]]:
+    """(field number, value, raw bytes of the whole field incl. tag) of a serialized protobuf message.
+
+    Values are ints for varints and bytes otherwise. A few lines of wire-format reading instead of
+    the protobuf package, which is not a dependency; the exporter reads the model's settings with it.
+    """
     i = 0
     while i < len(data):
         start = i
         tag, i = _varint(data, i)
         wire = tag & 7
         if wire == 0:
-            _, i = _varint(data, i)
-        elif wire == 1:
-            i += 8
+            value, i = _varint(data, i)
+        elif wire in (1, 5):
+            n = 8 if wire == 1 else 4
+            value, i = data[i:i + n], i + n
         elif wire == 2:
             n, i = _varint(data, i)
-            i += n
-        elif wire == 5:
-            i += 4
+            value, i = data[i:i + n], i + n
         else:
             raise ValueError(f"unsupported protobuf wire type {wire}")
-        yield tag >> 3, data[start:i]
+        yield tag >> 3, value, data[start:i]
 
 
 _MODEL_TRAINER_SPEC = 2  # ModelProto.trainer_spec
@@ -206,13 +209,13 @@ def canonical_model(model: bytes) -> bytes:
     package); sentencepiece serialises fields in field order, so the rest is kept byte for byte.
     """
     out = bytearray()
-    for field, raw in _proto_fields(model):
+    for field, _, raw in proto_fields(model):
         if field != _MODEL_TRAINER_SPEC:
             out += raw
             continue
         tag_end = _varint(raw, 0)[1]
         _, body_start = _varint(raw, tag_end)
-        body = b"".join(r for f, r in _proto_fields(raw[body_start:]) if f != _TRAINER_NUM_THREADS)
+        body = b"".join(r for f, _, r in proto_fields(raw[body_start:]) if f != _TRAINER_NUM_THREADS)
         out += raw[:tag_end] + _encode_varint(len(body)) + body
     return bytes(out)
 

@@ -43,39 +43,16 @@ class ExportError(RuntimeError):
 
 # -- tokenizer ------------------------------------------------------------------------------------------
 
-def _varint(data: bytes, i: int) -> tuple[int, int]:
-    shift = value = 0
-    while True:
-        b = data[i]
-        i += 1
-        value |= (b & 0x7F) << shift
-        if b < 0x80:
-            return value, i
-        shift += 7
-
-
 def _fields(data: bytes) -> dict[int, list[int | bytes]]:
-    """A protobuf message's fields (varints as int, length-delimited as bytes), by field number.
+    """A protobuf message's fields by number (the sentencepiece model's few scalar settings)."""
+    from shardflow.dataprep.tokenizer import proto_fields
 
-    A dozen lines of wire-format reading instead of the protobuf package: it is not a dependency
-    of the project, and only a few scalar fields of the sentencepiece model are needed.
-    """
     out: dict[int, list[int | bytes]] = {}
-    i = 0
-    while i < len(data):
-        tag, i = _varint(data, i)
-        wire = tag & 7
-        if wire == 0:
-            value, i = _varint(data, i)
-        elif wire == 2:
-            n, i = _varint(data, i)
-            value, i = data[i:i + n], i + n
-        elif wire in (1, 5):
-            n = 8 if wire == 1 else 4
-            value, i = data[i:i + n], i + n
-        else:
-            raise ExportError(f"unsupported protobuf wire type {wire} in the sentencepiece model")
-        out.setdefault(tag >> 3, []).append(value)
+    try:
+        for number, value, _ in proto_fields(data):
+            out.setdefault(number, []).append(value)
+    except ValueError as exc:
+        raise ExportError(f"cannot read the sentencepiece model: {exc}") from None
     return out
 
 
