@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from typing import Any, Callable
 
 from shardflow.storage import Storage
-from shardflow.storage.jsonl import TOO_LONG, CorruptInputError, iter_lines, iter_parquet
+from shardflow.storage.jsonl import CorruptInputError, TooLong, iter_lines, iter_parquet
 
 from .config import ReadConfig
 from .stage import Document
@@ -172,8 +172,8 @@ def _jsonl_documents(storage: Storage, uri: str, builder: _Builder) -> Iterator[
     try:
         for lineno, raw in iter_lines(storage, uri, builder.max_bytes):
             n += 1
-            if raw is TOO_LONG:
-                reject(lineno, "too_long", "")
+            if isinstance(raw, TooLong):
+                reject(lineno, "too_long", raw)
                 yield n, None
                 continue
             try:

@@ -33,6 +33,8 @@ class FlowsConfig(BaseModel):
     work_pool: str | None = None
     gpu_work_pool: str | None = "gpu-pool"
     lock_wait_s: float = Field(0.0, ge=0, description="How long a run waits for another run's lock on the dataset root before failing.")
+    lock_ttl_s: float = Field(60.0, gt=0, description="Lease of the root lock on object stores: a lock not refreshed for this long "
+                                                       "is taken over (a local lock dies with its process).")
     progress_min_shards: int = Field(4, ge=1, description="Stages with at least this many shards to run get a progress artifact.")
     train_launcher: Literal["auto", "inprocess", "torchrun"] = Field(
         "auto", description="How the train flow runs the trainer: auto = in this process for one process, torchrun for more.")

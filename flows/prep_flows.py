@@ -216,7 +216,7 @@ def _prep(selection: str | list[str], config: Any, config_path: str | None, over
     t0 = time.perf_counter()
     from shardflow.flows.config import write_resolved
 
-    with RootLock(storage, purpose=f"shardflow {flow_label}", wait_s=cfg.flows.lock_wait_s):
+    with RootLock(storage, purpose=f"shardflow {flow_label}", wait_s=cfg.flows.lock_wait_s, ttl_s=cfg.flows.lock_ttl_s):
         write_resolved(cfg, storage)
         if only and stages:
             known = {s.shard_id for s in stages[0].shards(storage)}

@@ -134,7 +134,7 @@ def train_flow(config: PipelineConfig | None = None, config_path: str | None = N
     """Train (or resume) the configured run; with ``evaluate``, run the evaluation flow after it."""
     cfg = resolve_config(config, config_path, overrides)
     storage = cfg.storage_handle()
-    with RootLock(storage, purpose=f"shardflow train {cfg.train.run}", wait_s=cfg.flows.lock_wait_s):
+    with RootLock(storage, purpose=f"shardflow train {cfg.train.run}", wait_s=cfg.flows.lock_wait_s, ttl_s=cfg.flows.lock_ttl_s):
         summary = train_task(cfg, nproc)
     artifacts.publish_markdown(f"train-{cfg.train.run}", _train_markdown(cfg.train.run, summary),
                                f"Training run {cfg.train.run}")

@@ -3,7 +3,8 @@
 Readers hand back raw lines with their numbers rather than parsed objects: deciding whether a line
 is a good record (and quarantining it with file, line and reason if not) is the read stage's job,
 and it needs the bytes to do it. A line longer than ``max_line_bytes`` is skipped in bounded memory
-and reported as :data:`TOO_LONG`, so a 20 MB document can never exhaust memory.
+and reported as a :class:`TooLong` holding only the line's first bytes (for the quarantine
+excerpt) and its length, so a 20 MB document can never exhaust memory.
 """
 from __future__ import annotations
 
@@ -19,8 +20,23 @@ import zstandard
 
 from .store import Storage
 
-TOO_LONG = object()
-"""Sentinel yielded in place of a line that exceeded the configured limit."""
+class TooLong(bytes):
+    """Yielded in place of a line over the limit: the line's first bytes, and its full length.
+
+    A ``bytes`` subclass so an excerpt can be taken from it like from any line, while
+    ``isinstance(raw, TooLong)`` tells callers not to parse it.
+    """
+
+    size: int
+
+    def __new__(cls, head: bytes, size: int) -> "TooLong":
+        obj = super().__new__(cls, head)
+        obj.size = size
+        return obj
+
+
+TOO_LONG_HEAD = 4096
+"""Bytes of an over-limit line kept for its quarantine excerpt."""
 
 _READ_CHUNK = 1 << 20
 
@@ -94,7 +110,7 @@ class _ZstdReader(io.RawIOBase):
 
 
 def iter_lines(storage: Storage, ref: str, max_line_bytes: int = 64 << 20) -> Iterator[tuple[int, Any]]:
-    """Yield (line_number, bytes) for each non-empty line; TOO_LONG for over-limit lines.
+    """Yield (line_number, bytes) for each non-empty line; a :class:`TooLong` for over-limit lines.
 
     Raises :class:`CorruptInputError` naming the file and the line reached when the compressed
     stream is truncated or not what its name says; lines before that point have been yielded.
@@ -110,12 +126,14 @@ def iter_lines(storage: Storage, ref: str, max_line_bytes: int = 64 << 20) -> It
                     return
                 lineno += 1
                 if len(line) > max_line_bytes and not line.endswith(b"\n"):
-                    # Drain the rest of the line in bounded chunks.
+                    # Drain the rest of the line in bounded chunks, keeping only its head and length.
+                    head, size = line[:TOO_LONG_HEAD], len(line)
                     while True:
                         rest = buf.readline(_READ_CHUNK)
+                        size += len(rest)
                         if not rest or rest.endswith(b"\n"):
                             break
-                    yield lineno, TOO_LONG
+                    yield lineno, TooLong(head, size - rest.endswith(b"\n"))
                     continue
                 stripped = line.rstrip(b"\r\n")
                 if stripped.strip():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import socket
 import threading
@@ -22,6 +23,7 @@ from typing import Any
 from .store import Storage
 
 LOCK_REF = "_lock.json"
+log = logging.getLogger(__name__)
 
 
 class LockHeld(RuntimeError):
@@ -189,6 +191,10 @@ class RootLock:
             time.sleep(self.poll_s)
         self.held = True
         self._stop.clear()
+        # The holder owns the root: temporaries a killed run left behind can go (see sweep_temporaries).
+        swept = self.storage.sweep_temporaries(older_than_s=self.ttl_s)
+        if swept:
+            log.info("removed %d temporary file(s) left by an earlier killed run under %s", len(swept), self.storage.root)
         if local:
             return self
         self._thread = threading.Thread(target=self._heartbeat, name="shardflow-lock-heartbeat", daemon=True)

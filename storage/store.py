@@ -15,6 +15,7 @@ import os
 import posixpath
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from typing import IO, Any
@@ -24,6 +25,10 @@ import fsspec
 from .config import StorageConfig
 
 LOCAL_PROTOCOLS = ("file", "local")
+
+
+TEMP_PREFIX = ".sftmp-"
+"""Local temporaries are hidden files with this prefix, skipped by listings until published."""
 
 
 def split_protocol(uri: str) -> tuple[str, str]:
@@ -220,7 +225,7 @@ class Storage:
         if self.protocol_of(ref) == "file":
             directory = os.path.dirname(path)
             os.makedirs(directory, exist_ok=True)
-            tmp = os.path.join(directory, f".sftmp-{os.path.basename(path)}.{uuid.uuid4().hex[:12]}")
+            tmp = os.path.join(directory, f"{TEMP_PREFIX}{os.path.basename(path)}.{uuid.uuid4().hex[:12]}")
             f = open(tmp, "wb")
             try:
                 yield f
@@ -247,6 +252,29 @@ class Storage:
             spool.close()
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(spool.name)
+
+    def sweep_temporaries(self, older_than_s: float) -> list[str]:
+        """Remove temporaries that killed writers left under the root; return their paths.
+
+        Only a local root can hold them (remote writes spool outside the root and publish in one
+        PUT). Safe while holding the root lock: nothing else writes here, and a temporary untouched
+        for ``older_than_s`` (the lock's lease) cannot belong to a live writer of this run.
+        """
+        if not self.is_local:
+            return []
+        _, root = self.resolve("")
+        cutoff = time.time() - older_than_s
+        removed = []
+        for dirpath, _dirs, files in os.walk(root):
+            for name in files:
+                if not name.startswith(TEMP_PREFIX):
+                    continue
+                path = os.path.join(dirpath, name)
+                with contextlib.suppress(FileNotFoundError):
+                    if os.stat(path).st_mtime < cutoff:
+                        os.unlink(path)
+                        removed.append(path)
+        return removed
 
     def protocol_of(self, ref: str) -> str:
         return split_protocol(ref)[0] if is_absolute_uri(ref) else self.protocol

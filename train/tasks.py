@@ -94,14 +94,14 @@ def parse_mc_line(obj: object, where: str) -> MCExample:
 
 def load_mc_task(storage: Storage, ref: str) -> list[MCExample]:
     """Every example of a multiple-choice JSONL file; the first bad line is an error naming it."""
-    from shardflow.storage.jsonl import TOO_LONG, iter_lines
+    from shardflow.storage.jsonl import TooLong, iter_lines
 
     uri = storage.uri(ref)
     examples = []
     try:
         for lineno, raw in iter_lines(storage, ref, max_line_bytes=16 << 20):
             where = f"{uri}: line {lineno}"
-            if raw is TOO_LONG:
+            if isinstance(raw, TooLong):
                 raise TaskFormatError(f"{where}: line longer than 16 MiB")
             try:
                 obj = json.loads(raw)

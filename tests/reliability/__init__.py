@@ -189,13 +189,13 @@ CHILD_STAGE_SCRIPT = r"""
 import json, sys
 from tests.reliability import KillHook
 from shardflow.dataprep.config import PrepConfig
-from shardflow.dataprep.stages import build_stages, select_stages
+from shardflow.dataprep.stages import build_stages
 from shardflow.dataprep.stage import run_stage
 from shardflow.storage import Storage
 args = json.loads(sys.argv[1])
 prep = PrepConfig.model_validate(args["prep"])
 storage = Storage(args["root"])
-stages = select_stages(build_stages(prep), args["stages"])
+stages = [st for st in build_stages(prep) if st.name in args["stages"]]  # stage names, not CLI groups
 hook = KillHook(args["kill_at"]).install()
 for st in stages:
     r = run_stage(st, storage)

@@ -82,3 +82,18 @@ def test_contenders_never_both_win(storage: Storage):
     with ThreadPoolExecutor(6) as ex:
         wins = sum(ex.map(contend, range(6)))
     assert wins == 1
+
+
+def test_taking_the_lock_sweeps_old_temporaries_of_a_killed_writer(tmp_path):
+    storage = Storage(str(tmp_path / "root"))
+    storage.write_bytes("stages/clean/000000.jsonl.zst", b"published")
+    old = tmp_path / "root" / "stages" / "clean" / ".sftmp-000001.jsonl.zst.deadbeef0000"
+    fresh = tmp_path / "root" / "stages" / "clean" / ".sftmp-000002.jsonl.zst.cafe00000000"
+    old.write_bytes(b"half")
+    fresh.write_bytes(b"half")
+    os.utime(old, (time.time() - 120, time.time() - 120))
+    with RootLock(storage, ttl_s=60):
+        pass
+    assert not old.exists()  # untouched for longer than the lease: litter of a dead writer
+    assert fresh.exists()  # could still belong to a live writer: left alone
+    assert storage.read_bytes("stages/clean/000000.jsonl.zst") == b"published"

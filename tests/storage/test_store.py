@@ -9,7 +9,7 @@ import pytest
 import zstandard
 
 from shardflow.storage import Storage, StorageError, digest_bytes
-from shardflow.storage.jsonl import TOO_LONG, CorruptInputError, JsonlWriter, iter_lines, iter_parquet, write_jsonl, write_parquet
+from shardflow.storage.jsonl import CorruptInputError, TooLong, JsonlWriter, iter_lines, iter_parquet, write_jsonl, write_parquet
 
 
 def test_bytes_round_trip(storage: Storage):
@@ -70,7 +70,8 @@ def test_long_line_is_skipped_in_bounded_memory(local_storage: Storage):
     local_storage.write_bytes("in.jsonl", data)
     got = list(iter_lines(local_storage, "in.jsonl", max_line_bytes=1 << 20))
     assert [n for n, _ in got] == [1, 2, 3]
-    assert got[1][1] is TOO_LONG
+    assert isinstance(got[1][1], TooLong)
+    assert got[1][1].size == len(big) and big.startswith(got[1][1]) and 0 < len(got[1][1]) <= 4096
     assert json.loads(got[2][1])["id"] == "2"
 
 
