@@ -37,10 +37,11 @@ class LoaderConfig(_Section):
     shuffle: bool = Field(True, description="Permute members each epoch and rows within a window of members; off = index order.")
     shuffle_window: int = Field(4, ge=1, description="Members whose rows are shuffled together (also the unit of read-ahead).")
     prefetch_members: int = Field(8, ge=1, description="Bounded read-ahead, in tar members per worker.")
-    prefetch_batches: int = Field(4, ge=1, description="Assembled batches kept ready per worker.")
+    prefetch_batches: int = Field(4, ge=1, description="Batches kept ready per DataLoader worker (rounded up to whole groups, at least 2); "
+                                  "in-process batches are gathered on demand from the read-ahead windows.")
     group_batches: int | None = Field(
-        None, ge=1, description="Batches assembled and handed over together (amortizes per-batch overhead); "
-        "None = about 256 Ki tokens in-process, 2 Mi tokens from DataLoader workers, at most 64 batches.")
+        None, ge=1, description="Batches planned (and, from DataLoader workers, handed over) together; amortizes per-group "
+        "overhead. None = about 2 Mi tokens, at most 64 batches.")
     io_threads: int | None = Field(
         None, ge=0, description="Concurrent member reads per worker; 0 = in the loader thread; None = 0 for local roots, 4 for object stores.")
     coalesce_gap_bytes: int | None = Field(
@@ -49,6 +50,9 @@ class LoaderConfig(_Section):
     cache_dir: str | None = Field(None, description="Local cache of members read from remote roots; None = no cache.")
     cache_limit_bytes: int = Field(1 << 30, ge=0, description="Size bound of cache_dir; least recently used members are evicted.")
     pin_memory: bool = Field(True, description="Pin batches when CUDA is available.")
+    out_dtype: Literal["int64", "int32", "native"] = Field(
+        "int64", description="Dtype of delivered batches: int64 (what the model takes), or int32 / native (the shards' "
+        "uint16/uint32) for 4x / 2x less host memory traffic; the trainer widens those to int64 on the device.")
 
 
 class OptimConfig(_Section):

@@ -32,14 +32,17 @@ start), and fetches them per member: on object stores with byte-range reads merg
 under ``coalesce_gap_bytes`` (a range GET costs far more than a few KiB), locally by reading straight
 into the window's buffer. Each fetch also reads the member's 512-byte tar header and its .npy
 header and checks both against the index, so a stale index, a shifted offset, a foreign member name
-or a pickled array is an error naming the shard and the member, not garbage tokens. A loader
+or a pickled array is an error naming the shard and the member, not garbage tokens. A reader
 thread reads ahead (bounded by ``prefetch_members``; through a pool of ``io_threads`` on object
-stores, where latency must be overlapped) and assembles groups of batches, so the trainer finds
-them ready.
+stores, where latency must be overlapped) into window buffers; the thread that iterates gathers each
+batch from them as it asks for it. The two halves of the CPU work -- ``readinto`` from the page
+cache and the gather + widening into the output -- both release the GIL, so they run on two cores,
+and the threads exchange a few events per window rather than a queue item per batch.
 
-What bounds throughput: batches are int64 (the trainer's contract), i.e. 8 bytes written per 2-byte
-token read, so widening, not I/O, dominates on local disk; bench/loader.py measures it against the
-plain-read limit and against the same limit plus the widening.
+What bounds throughput: batches are int64 by default (what the model takes), i.e. 8 bytes written
+per 2-byte token read, so the widening, not I/O, dominates on local disk. ``out_dtype`` int32 or
+native (the shards' uint16/uint32) writes 4 or 2 bytes per token instead; ``tokens_to`` widens
+such batches on the device. bench/loader.py measures each against the plain-read limit.
 """
 from __future__ import annotations
 
@@ -80,18 +83,16 @@ NO_DIGEST = "sha256:unknown"
 _TOKEN_EXT = "tokens.npy"
 _ALLOWED_EXT = {"tokens.npy", "docs.npy", "meta.json"}
 _MAX_PENDING_EVENTS = 1024
-GROUP_TOKENS = 1 << 18
-WORKER_GROUP_TOKENS = 1 << 21
+GROUP_TOKENS = 1 << 21
 MAX_GROUP = 64
-"""Default size of a group of batches assembled and handed over together (see ShardDataset):
-about GROUP_TOKENS tokens in the trainer's process, WORKER_GROUP_TOKENS from DataLoader workers
-(each hand-over between processes costs a socket round trip and a shared-memory segment), and
-at most MAX_GROUP batches (short rows must not make the first batch wait)."""
+"""Default size of a group of batches planned together (see ShardDataset): about GROUP_TOKENS
+tokens -- planning costs a few microseconds per group, and from DataLoader workers each group is
+one hand-over between processes (a socket round trip and a shared-memory segment) -- and at most
+MAX_GROUP batches (short rows must not make the first batch wait)."""
 
 
-def default_group(batch_size: int, row_len: int, num_workers: int) -> int:
-    tokens = WORKER_GROUP_TOKENS if num_workers else GROUP_TOKENS
-    return min(MAX_GROUP, max(1, tokens // (batch_size * row_len)))
+def default_group(batch_size: int, row_len: int, num_workers: int = 0) -> int:
+    return min(MAX_GROUP, max(1, GROUP_TOKENS // (batch_size * row_len)))
 
 
 class ShardDataError(RuntimeError):
@@ -453,14 +454,15 @@ class _MemberCache:
 class _FileMember:
     """A member read from an open file (seek + readinto: no intermediate bytes object)."""
 
-    def __init__(self, f, base: int, uri: str):
-        self.f, self.base, self.uri = f, base, uri
+    def __init__(self, f, base: int, uri: str, owned: bool = True):
+        self.f, self.base, self.uri, self.owned = f, base, uri, owned
 
     def __enter__(self) -> "_FileMember":
         return self
 
     def __exit__(self, *exc) -> None:
-        self.f.close()
+        if self.owned:
+            self.f.close()
 
     def _short(self, start: int, want: int, got: int) -> StorageError:
         return StorageError(f"short read of {self.uri}: wanted {want} bytes at {self.base + start}, got {got} (truncated?)")
@@ -515,6 +517,39 @@ class _Reader:
         self.cache = cache
         self._checked: dict[tuple[int, int], Future] = {}
         self._lock = threading.Lock()
+        self._local = threading.local()
+        self._files: list[Any] = []
+
+    _OPEN_FILES = 16
+
+    def _file(self, src: _Source, s: int):
+        """A shard kept open per reading thread (the most recent few): an open through fsspec costs
+        about as much as reading a few hundred KiB from the page cache."""
+        files = getattr(self._local, "files", None)
+        if files is None:
+            files = self._local.files = collections.OrderedDict()
+        key = (src.slot, s)
+        f = files.get(key)
+        if f is not None:
+            files.move_to_end(key)
+            return f
+        f = files[key] = src.storage.open_read(src.shard_refs[s])
+        with self._lock:
+            self._files.append(f)
+        if len(files) > self._OPEN_FILES:
+            _, old = files.popitem(last=False)
+            with self._lock:
+                self._files.remove(old)
+            old.close()
+        return f
+
+    def close(self) -> None:
+        """Close the shards left open (after the reading threads have stopped)."""
+        with self._lock:
+            files, self._files = self._files, []
+        for f in files:
+            with contextlib.suppress(Exception):
+                f.close()
 
     def _gap(self, src: _Source) -> int:
         if self.gap is not None:
@@ -573,9 +608,13 @@ class _Reader:
         head = TAR_BLOCK + int(src.m_header[m])  # tar header + npy header, before row 0
         rows = unit.rows
         gap = self._gap(src)
-        cut = (np.flatnonzero(np.diff(rows) - 1 > gap // row_bytes) + 1).tolist()
-        bounds = [0, *cut, len(rows)]
-        runs = [(int(rows[i]), int(rows[j - 1]) + 1, i, j) for i, j in zip(bounds[:-1], bounds[1:])]
+        n = len(rows)
+        if int(rows[-1]) - int(rows[0]) + 1 == n:  # rows are sorted and unique: one run, no gaps
+            runs = [(int(rows[0]), int(rows[0]) + n, 0, n)]
+        else:
+            cut = (np.flatnonzero(np.diff(rows) - 1 > gap // row_bytes) + 1).tolist()
+            bounds = [0, *cut, n]
+            runs = [(int(rows[i]), int(rows[j - 1]) + 1, i, j) for i, j in zip(bounds[:-1], bounds[1:])]
         member = self._open_member(src, m, head, [(head + a * row_bytes, (b - a) * row_bytes) for a, b, _, _ in runs], gap)
         with member:
             self._check_headers(src, m, member.read(0, head))
@@ -594,7 +633,7 @@ class _Reader:
         base = int(src.m_offset[m]) - TAR_BLOCK
         uri = src.shard_uri(int(src.m_shard[m]))
         if src.storage.is_local:
-            return _FileMember(src.storage.open_read(ref), base, uri)
+            return _FileMember(self._file(src, int(src.m_shard[m])), base, uri, owned=False)
         if self.cache is not None:
             path = self.cache.path(src, m)
             with contextlib.suppress(FileNotFoundError):
@@ -640,15 +679,15 @@ class _Reader:
 # ---------------------------------------------------------------------------------------------------
 
 class ShardDataset(IterableDataset):
-    """One rank's slice of the global stream, in *groups* of batches.
+    """One rank's slice of the global stream.
 
-    Yields groups of ``n`` (at most ``group_batches``, fewer only at the end of a finite stream)
-    consecutive batches of this rank, assembled in one go and handed over as one object --
-    per-batch hand-over (queues, DataLoader IPC, shared-memory segments) would cost more than
-    reading the bytes. In the trainer's process a group is a list of int64 ``(batch_size,
-    seq_len + 1)`` tensors; in a DataLoader worker process it is one ``(n, batch_size, seq_len + 1)``
-    tensor of the shards' dtype (4x less to pass between processes) that :class:`StatefulLoader`
-    widens. Rank batch ``t`` goes to worker ``(t // group) % n``.
+    Planned in *groups* of ``n`` (at most ``group_batches``, fewer only at the end of a finite
+    stream) consecutive batches of this rank; rank batch ``t`` goes to worker ``(t // group) % n``.
+    In the trainer's process it yields single ``(batch_size, seq_len + 1)`` batches of
+    ``out_dtype``, gathered on demand (see :class:`_Pipeline`). In a DataLoader worker process it
+    yields one ``(n, batch_size, seq_len + 1)`` tensor of the shards' dtype per group -- per-batch
+    hand-over (DataLoader IPC, shared-memory segments) would cost more than reading the bytes,
+    and the shards' dtype is 4x less to pass than int64 -- which :class:`StatefulLoader` converts.
     ``start``/``stop`` are global positions; ``stop=None`` streams forever (epochs roll over).
     """
 
@@ -671,6 +710,7 @@ class ShardDataset(IterableDataset):
         verify_digests: bool = False,
         cache_dir: str | None = None,
         cache_limit_bytes: int = 1 << 30,
+        out_dtype: str = "int64",
         start: int = 0,
         stop: int | None = None,
     ):
@@ -705,6 +745,8 @@ class ShardDataset(IterableDataset):
         self.verify_digests = verify_digests
         self.cache_dir = cache_dir
         self.cache_limit_bytes = cache_limit_bytes
+        _out_dtype(out_dtype, first.dtype)
+        self.out_dtype = out_dtype
         self.start = start
         self.stop = stop
         self.pin_memory = False
@@ -778,11 +820,7 @@ class ShardDataset(IterableDataset):
             sources = [_fresh_source(src) for src in sources]
         pipe = _Pipeline(self, sources, worker, nworkers, wide=info is None)
         try:
-            while True:
-                item = pipe.get()
-                if item is None:
-                    return
-                yield item
+            yield from pipe
         finally:
             pipe.close()
 
@@ -804,9 +842,13 @@ class _Planner:
         B, w, r, s = ds.batch_size, ds.world_size, ds.rank, ds.group
         start, stop = ds.start, ds.stop
         lanes = np.arange(B, dtype=np.int64)
-        g = self.worker
+        # Rank batches t .. t + size - 1 form this worker's next group. With DataLoader workers the
+        # groups are fixed (the round robin depends on them); in-process they grow from one batch
+        # to ``s``, so the first batch waits only for its own window, not a whole group's.
+        t = self.worker * s
+        size = s if self.nworkers > 1 else 1
         while True:
-            chunks = r + w * (g * s + np.arange(s, dtype=np.int64))
+            chunks = r + w * (t + np.arange(size, dtype=np.int64))
             if stop is not None:
                 chunks = chunks[start + (chunks + 1) * B <= stop]
                 if not len(chunks):
@@ -822,7 +864,8 @@ class _Planner:
             for key in [k for k in self.opened if self.latest[k[0]] != k]:
                 del self.opened[key]
                 yield _Drop(key)
-            g += self.nworkers
+            t += s * self.nworkers if self.nworkers > 1 else size
+            size = min(s, 2 * size)
 
     def _window(self, order: _EpochOrder, src: _Source, key: tuple[int, int, int]) -> tuple[_Window, bool]:
         window = self.opened.get(key)
@@ -946,45 +989,84 @@ class _InlineExecutor:
         pass
 
 
+OUT_DTYPES = ("int64", "int32", "native")
+
+
+def _out_dtype(name: str, shard_dtype: np.dtype) -> np.dtype:
+    if name not in OUT_DTYPES:
+        raise ValueError(f"out_dtype must be one of {OUT_DTYPES}, got {name!r}")
+    if name == "native":
+        return shard_dtype
+    if name == "int32" and shard_dtype.itemsize >= 4:
+        raise ValueError("out_dtype int32 cannot hold uint32 token ids; use int64 or native")
+    return np.dtype(name)
+
+
+def _empty(shape: tuple[int, ...], dtype: np.dtype, pin: bool) -> tuple[torch.Tensor, np.ndarray]:
+    """A fresh output array, never a reused one: the consumer may keep a batch as long as it likes.
+    Pinned memory comes from torch's caching host allocator, which recycles a block only after its
+    tensor is freed and the copies recorded on it are done."""
+    if pin:
+        t = torch.empty(shape, dtype=torch.from_numpy(np.empty(0, dtype)).dtype, pin_memory=True)
+        return t, t.numpy()
+    a = np.empty(shape, dtype)
+    return torch.from_numpy(a), a
+
+
 class _Pipeline:
-    """One worker's loader thread: walks the plan, keeps up to ``prefetch_members`` member reads
-    ahead (in a pool of ``io_threads``, or in this thread for local files), assembles each group
-    from its windows' buffers (widening to int64) and queues it for the consumer, in order."""
+    """One worker's loader, in two threads.
+
+    The reader thread walks the plan and fetches each window's rows into a window buffer ahead of
+    need (at most ``prefetch_members`` members of windows the batches have not reached; through a
+    pool of ``io_threads`` on object stores, itself for local files). It hands over *events*
+    (window ready, group of batches, window done) -- a few per window, not per batch.
+
+    The consuming thread (iterating this object) gathers each batch from the window buffers
+    straight into a fresh output array as it is asked for one. Why there: the gather + widening
+    is the bulk of the CPU work and numpy releases the GIL for it, so it runs on one core while
+    the reader's ``readinto`` runs on another; an assembled-batch queue between them would add a
+    hand-off per batch and keep more output memory in flight (out of cache) for nothing.
+
+    In the trainer's process (``wide``) it yields single ``(B, seq_len + 1)`` batches of the output
+    dtype; in a DataLoader worker it yields one ``(n, B, seq_len + 1)`` group of the shards' dtype
+    (one object, 4x less than int64, to pass between processes), which StatefulLoader converts.
+    """
 
     def __init__(self, ds: ShardDataset, sources: list[_Source], worker: int, nworkers: int, wide: bool):
         self.ds = ds
         self.wide = wide
         self.row_len = ds.seq_len + 1
         self.dtype = sources[0].dtype
+        self.out_dtype = _out_dtype(ds.out_dtype, self.dtype) if wide else self.dtype
         cache = _MemberCache(ds.cache_dir, ds.cache_limit_bytes) if ds.cache_dir else None
         self.reader = _Reader(sources, ds.verify_digests, ds.coalesce_gap_bytes, cache)
-        self.out: queue.Queue = queue.Queue(maxsize=max(2, -(-ds.prefetch_batches // ds.group)))
+        self.events: queue.Queue = queue.Queue(maxsize=_MAX_PENDING_EVENTS)
         self.halt = threading.Event()
-        self._spare: list[np.ndarray] = []
+        self._budget = threading.Condition()
+        self._ahead = 0  # members read for windows that no batch has reached yet (under _budget)
+        self._spare: list[np.ndarray] = []  # buffers of finished windows (under _budget)
         threads = ds.io_threads if ds.io_threads is not None else (0 if all(s.storage.is_local for s in sources) else 4)
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="shardflow-read") if threads else _InlineExecutor()
         self.thread = threading.Thread(target=self._run, args=(iter(_Planner(ds, worker, nworkers)),),
                                        name="shardflow-loader", daemon=True)
         self.thread.start()
 
-    def get(self) -> torch.Tensor | list[torch.Tensor] | None:
-        item = self.out.get()
-        if isinstance(item, _Failure):
-            raise item.exc
-        return item
-
     def close(self) -> None:
         self.halt.set()
+        with self._budget:
+            self._budget.notify_all()
         with contextlib.suppress(queue.Empty):
             while True:
-                self.out.get_nowait()
+                self.events.get_nowait()
         self.thread.join(timeout=30)
         self.pool.shutdown(wait=True, cancel_futures=True)
+        self.reader.close()
 
+    # -- reader thread -----------------------------------------------------------------------------
     def _put(self, item: Any) -> bool:
         while not self.halt.is_set():
             try:
-                self.out.put(item, timeout=0.1)
+                self.events.put(item, timeout=0.1)
                 return True
             except queue.Full:
                 continue
@@ -992,97 +1074,121 @@ class _Pipeline:
 
     def _run(self, plan: Iterator[_Window | _Batch | _Drop]) -> None:
         try:
-            self._produce(plan)
+            for ev in plan:
+                if isinstance(ev, _Window) and not self._start(ev):
+                    return
+                if not self._put(ev):
+                    return
             self._put(None)
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
             self._put(_Failure(exc))
 
-    def _produce(self, plan: Iterator[_Window | _Batch | _Drop]) -> None:
-        ds = self.ds
-        pending: collections.deque = collections.deque()
-        windows: dict[tuple[int, int, int], _Window] = {}
-        ahead = 0  # members requested for windows the groups have not reached yet
-        exhausted = False
-        while not self.halt.is_set():
-            while not exhausted and ahead < ds.prefetch_members and len(pending) < _MAX_PENDING_EVENTS:
-                ev = next(plan, None)
-                if ev is None:
-                    exhausted = True
-                    break
-                if isinstance(ev, _Window):
-                    ev.buf = self._window_buffer(ev.n_rows)
-                    ev.futures = [self.pool.submit(self.reader.fetch, u, ev.buf) for u in ev.units]
-                    ahead += len(ev.units)
-                pending.append(ev)
-            if not pending:
-                return
-            ev = pending.popleft()
-            if isinstance(ev, _Window):
-                ahead -= len(ev.units)
-                windows[ev.key] = ev
-            elif isinstance(ev, _Drop):
-                self._recycle(windows.pop(ev.key))
-            elif not self._put(self._assemble(ev, [windows[key] for key, _, _ in ev.parts])):
-                return
-
-    def _assemble(self, ev: _Batch, wins: list[_Window]) -> torch.Tensor | list[torch.Tensor]:
-        """The group's rows gathered from its windows: int64 batches in the trainer's process, one
-        array of the shards' dtype in a worker process (one object to pass between processes)."""
-        B = self.ds.batch_size
-        for win in wins:
-            for fut in win.futures:
-                fut.result()
-        if not self.wide:
-            group = np.empty((ev.n * B, self.row_len), dtype=self.dtype)
-            for win, (_, idx, slots) in zip(wins, ev.parts):
-                _gather(group, idx, win.buf, slots)
-            return torch.from_numpy(group).view(ev.n, B, self.row_len)
-        # One array per batch, not one per group: batch-sized blocks are recycled by malloc, while a
-        # fresh multi-MiB block is mapped anew and page-faulted in (zeroed by the kernel) as it is
-        # filled, which doubles the cost of the widening. Pinned memory has its own caching allocator.
-        if self.ds.pin_memory:
-            outs = [torch.empty((B, self.row_len), dtype=torch.int64, pin_memory=True) for _ in range(ev.n)]
-        else:
-            outs = [torch.from_numpy(np.empty((B, self.row_len), dtype=np.int64)) for _ in range(ev.n)]
-        arrays = [t.numpy() for t in outs]
-        for win, (_, idx, slots) in zip(wins, ev.parts):
-            if isinstance(idx, slice):
-                lo, hi = idx.start, idx.stop
-                for i in range(lo // B, (hi - 1) // B + 1):
-                    a, b = max(lo, i * B), min(hi, (i + 1) * B)
-                    _gather(arrays[i], slice(a - i * B, b - i * B), win.buf, slots[a - lo : b - lo])
-            else:
-                which = idx // B
-                for i in np.unique(which).tolist():
-                    sel = which == i
-                    arrays[i][idx[sel] - i * B] = win.buf[slots[sel]]
-        return outs
+    def _start(self, win: _Window) -> bool:
+        """Wait for read-ahead budget, then fetch the window's rows (or submit the fetches)."""
+        with self._budget:
+            self._budget.wait_for(lambda: self.halt.is_set() or self._ahead < self.ds.prefetch_members)
+            if self.halt.is_set():
+                return False
+            self._ahead += len(win.units)
+            win.buf = self._window_buffer(win.n_rows)
+        win.futures = [self.pool.submit(self.reader.fetch, u, win.buf) for u in win.units]
+        return True
 
     def _window_buffer(self, n: int) -> np.ndarray:
-        """Reuse the buffers of dropped windows (all about the same size): fresh multi-MiB arrays
+        """Reuse the buffers of finished windows (all about the same size): fresh multi-MiB arrays
         are page-faulted in on first touch, which costs as much as the copy into them."""
-        for i, buf in enumerate(self._spare):
+        for i in range(len(self._spare) - 1, -1, -1):  # the most recently freed first: likely still in cache
+            buf = self._spare[i]
             if buf.shape[0] >= n:
                 del self._spare[i]
                 return buf[:n]
         return np.empty((max(n, 1), self.row_len), dtype=self.dtype)[:n]
 
+    # -- consuming thread ------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        windows: dict[tuple[int, int, int], _Window] = {}
+        while True:
+            ev = self.events.get()
+            if ev is None:
+                return
+            if isinstance(ev, _Failure):
+                raise ev.exc
+            if isinstance(ev, _Window):
+                windows[ev.key] = ev
+                with self._budget:
+                    self._ahead -= len(ev.units)
+                    self._budget.notify_all()
+            elif isinstance(ev, _Drop):
+                self._recycle(windows.pop(ev.key))
+            else:
+                wins = [windows[key] for key, _, _ in ev.parts]
+                for win in wins:
+                    for fut in win.futures:
+                        fut.result()
+                if self.wide:
+                    yield from self._batches(ev, wins)
+                else:
+                    yield self._group(ev, wins)
+
     def _recycle(self, win: _Window) -> None:
-        if win.buf is not None and all(f.done() for f in win.futures) and len(self._spare) < 4:
-            self._spare.append(win.buf.base if win.buf.base is not None else win.buf)
+        """A window no later batch reads: its buffer may be refilled. Every batch gathered from it
+        was copied out already (outputs are never views of a window buffer)."""
+        if win.buf is not None and all(f.done() for f in win.futures):
+            with self._budget:
+                if len(self._spare) < 4:
+                    self._spare.append(win.buf.base if win.buf.base is not None else win.buf)
         win.buf = None
 
+    def _batches(self, ev: _Batch, wins: list[_Window]) -> Iterator[torch.Tensor]:
+        B = self.ds.batch_size
+        pin = self.ds.pin_memory
+        if len(wins) == 1 and isinstance(ev.parts[0][1], slice):  # the common case: one window, in order
+            buf, slots = wins[0].buf, ev.parts[0][2]
+            for i in range(ev.n):
+                t, out = _empty((B, self.row_len), self.out_dtype, pin)
+                _gather(out, buf, slots[i * B : (i + 1) * B])
+                yield t
+            return
+        # Several windows (a window or epoch boundary inside the group, or mixing): each part
+        # fills some rows of some batches; cut each part at batch boundaries once.
+        cuts = []
+        for win, (_, idx, slots) in zip(wins, ev.parts):
+            rows = np.arange(idx.start, idx.stop) if isinstance(idx, slice) else idx
+            cuts.append((win.buf, rows, slots, np.searchsorted(rows, np.arange(ev.n + 1) * B).tolist()))
+        for i in range(ev.n):
+            t, out = _empty((B, self.row_len), self.out_dtype, pin)
+            for buf, rows, slots, at in cuts:
+                a, b = at[i], at[i + 1]
+                if a < b:
+                    out[rows[a:b] - i * B] = buf[slots[a:b]]
+            yield t
 
-def _gather(out: np.ndarray, idx: slice | np.ndarray, buf: np.ndarray, slots: np.ndarray) -> None:
-    """out[idx] = buf[slots], widening; in cache-sized chunks so that the gathered rows are still
-    in cache when they are widened (one pass over memory instead of two)."""
-    if not isinstance(idx, slice):
-        out[idx] = buf[slots]
+    def _group(self, ev: _Batch, wins: list[_Window]) -> torch.Tensor:
+        B = self.ds.batch_size
+        group = np.empty((ev.n * B, self.row_len), dtype=self.dtype)
+        for win, (_, idx, slots) in zip(wins, ev.parts):
+            if isinstance(idx, slice):
+                np.take(win.buf, slots, axis=0, out=group[idx], mode="clip")
+            else:
+                group[idx] = win.buf[slots]
+        return torch.from_numpy(group).view(ev.n, B, self.row_len)
+
+
+_GATHER_BYTES = 256 << 10
+
+
+def _gather(out: np.ndarray, buf: np.ndarray, slots: np.ndarray) -> None:
+    """out[:] = buf[slots], converting; in cache-sized chunks so that the gathered rows are still
+    in cache when they are converted (one pass over memory instead of two)."""
+    if out.dtype == buf.dtype:
+        np.take(buf, slots, axis=0, out=out, mode="clip")  # clip: raise mode copies twice
         return
-    step = max(1, (256 << 10) // (buf.shape[1] * buf.itemsize))
+    step = max(1, _GATHER_BYTES // (buf.shape[1] * buf.itemsize))
+    if len(slots) <= step:
+        np.copyto(out, buf[slots])
+        return
     for a in range(0, len(slots), step):
-        b = min(a + step, len(slots))
-        np.copyto(out[idx.start + a : idx.start + b], buf[slots[a:b]])
+        np.copyto(out[a : a + step], buf[slots[a : a + step]])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1159,20 +1265,23 @@ class StatefulLoader:
         end = self.epochs * self.samples_per_epoch
         return start + max(0, (end - start) // step) * step
 
-    def _batches(self, group: torch.Tensor | list[torch.Tensor]) -> Iterator[torch.Tensor]:
-        if isinstance(group, list) or group.dtype == torch.int64:
-            yield from group
+    def _batches(self, item: torch.Tensor) -> Iterator[torch.Tensor]:
+        if item.dim() == 2:  # a batch from this process's pipeline
+            yield item
             return
-        # From worker processes: widen here, one batch at a time (small allocations are recycled by
-        # malloc; a fresh multi-MiB array is page-faulted in), with numpy: torch's uint16 -> int64
-        # conversion has no vectorized kernel and is ~100x slower.
-        for rows in group.numpy():
+        # A group from a worker process, in the shards' dtype: convert here, one batch at a time
+        # (batch-sized allocations are recycled by malloc; a fresh multi-MiB array is page-faulted
+        # in), with numpy: torch's uint16 -> int64 conversion has no vectorized kernel (~500x slower).
+        dtype = _out_dtype(self.dataset.out_dtype, self.dataset.sources[0].dtype)
+        for rows in item.numpy():
             if self.pin_memory:
-                out = torch.empty(rows.shape, dtype=torch.int64, pin_memory=True)
-                np.copyto(out.numpy(), rows)
-                yield out
+                t, out = _empty(rows.shape, dtype, True)
+                np.copyto(out, rows)
+                yield t
+            elif rows.dtype == dtype:
+                yield torch.from_numpy(rows)  # a view of the group, which nothing else writes
             else:
-                yield torch.from_numpy(rows.astype(np.int64))
+                yield torch.from_numpy(rows.astype(dtype))
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         self._generation += 1
@@ -1182,7 +1291,8 @@ class StatefulLoader:
         if self.num_workers:
             # forkserver, not fork: the trainer's process holds threads (prefetch, Prefect, Ray,
             # NCCL) and forking a threaded process can leave a worker with a held lock, dead at start.
-            source = iter(DataLoader(ds, batch_size=None, num_workers=self.num_workers, prefetch_factor=2,
+            prefetch = max(2, -(-ds.prefetch_batches // ds.group))
+            source = iter(DataLoader(ds, batch_size=None, num_workers=self.num_workers, prefetch_factor=prefetch,
                                      pin_memory=False, multiprocessing_context="forkserver",
                                      persistent_workers=False))
         else:
@@ -1238,6 +1348,17 @@ def inputs_targets(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return batch[:, :-1], batch[:, 1:]
 
 
+def tokens_to(batch: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A batch as the int64 tokens the model takes, on ``device``.
+
+    A compact batch (``out_dtype`` int32 or native) crosses to the device as it is (pinned, so
+    asynchronously, and 2-4x fewer bytes) and is widened there. On the CPU, unsigned batches are
+    widened by numpy: torch has no vectorized uint16/uint32 -> int64 conversion (~500x slower)."""
+    if batch.dtype in (torch.uint16, torch.uint32) and torch.device(device).type == "cpu":
+        return torch.from_numpy(batch.numpy().astype(np.int64))
+    return batch.to(device, non_blocking=True).long()
+
+
 def _dataset_storage(storage: Storage, root: str | None) -> Storage:
     """The storage of a dataset root, inheriting endpoint and credentials from the pipeline's."""
     if root is None:
@@ -1266,7 +1387,7 @@ def build_loader(
         group_batches=cfg.group_batches or default_group(cfg.batch_size, sources[0].row_len, cfg.num_workers),
         prefetch_members=cfg.prefetch_members, prefetch_batches=cfg.prefetch_batches, io_threads=cfg.io_threads,
         coalesce_gap_bytes=cfg.coalesce_gap_bytes, verify_digests=cfg.verify_digests,
-        cache_dir=cfg.cache_dir, cache_limit_bytes=cfg.cache_limit_bytes,
+        cache_dir=cfg.cache_dir, cache_limit_bytes=cfg.cache_limit_bytes, out_dtype=cfg.out_dtype,
     )
     return StatefulLoader(ds, num_workers=cfg.num_workers, pin_memory=cfg.pin_memory, epochs=epochs)
 

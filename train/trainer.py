@@ -38,6 +38,7 @@ from shardflow.storage.shards import ShardIndexError, read_index
 
 from .checkpoint import Checkpointer, CheckpointError, capture_rng, model_config_digest, restore_rng, run_ref
 from .config import TrainConfig
+from .data import tokens_to
 from .distributed import DistEnv, autocast_dtype, init_distributed, set_grad_sync, teardown, wrap_model
 from .metrics import MetricsLog, Progress
 from .model import MoETransformer
@@ -174,7 +175,7 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, mic
     counts = None
     tokens = 0
     for i, batch in enumerate(micro_batches):
-        batch = batch.to(device, non_blocking=True)
+        batch = tokens_to(batch, device)  # int64 on the device, whatever the loader's out_dtype
         inputs, targets = batch[:, :-1], batch[:, 1:]
         tokens += targets.numel()
         cast = torch.autocast(device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
@@ -305,7 +306,7 @@ class Trainer:
         it = iter(loader)
         try:
             for _, batch in zip(range(n_batches), it):
-                batch = batch.to(self.device, non_blocking=True)
+                batch = tokens_to(batch, self.device)
                 with self._autocast():
                     out = self.model(batch[:, :-1], batch[:, 1:], return_logits=False)
                 n = batch[:, 1:].numel()

@@ -12,7 +12,7 @@ import torch
 from shardflow.storage import Storage
 from shardflow.storage.shards import ShardIndexError, ShardWriter, make_index, read_index, write_index
 from shardflow.train.config import DatasetSpec, LoaderConfig
-from shardflow.train.data import ShardDataError, build_index, build_loader, inputs_targets
+from shardflow.train.data import ShardDataError, ShardDataset, build_index, build_loader, inputs_targets, tokens_to
 
 SEQ = 15
 VOCAB = 60000
@@ -523,3 +523,32 @@ def test_inputs_targets_and_facts(ds250):
     x, y = inputs_targets(batch)
     assert x.shape == y.shape == (4, SEQ)
     assert torch.equal(x[:, 1:], y[:, :-1])
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_out_dtypes_deliver_the_same_stream_and_widen_to_int64(ds250, workers):
+    storage, expect = ds250
+    want = {"int64": torch.int64, "int32": torch.int32, "native": torch.uint16}
+    streams = {}
+    for out_dtype, dtype in want.items():
+        batches = list(build_loader(_cfg(out_dtype=out_dtype, num_workers=workers), storage, epochs=1))
+        assert batches and all(b.dtype == dtype and b.shape == (4, SEQ + 1) for b in batches)
+        streams[out_dtype] = torch.cat([tokens_to(b, "cpu") for b in batches])
+        assert streams[out_dtype].dtype == torch.int64
+    assert torch.equal(streams["int32"], streams["int64"]) and torch.equal(streams["native"], streams["int64"])
+    assert int(streams["native"].max()) >= 1 << 15  # token ids above int16 survive every path
+    with pytest.raises(ValueError, match="out_dtype"):
+        ShardDataset(build_loader(_cfg(), storage).dataset.sources, [1.0], 4, out_dtype="int8")
+
+
+def test_batches_kept_by_the_consumer_are_never_overwritten(ds250):
+    """Window buffers are recycled; batches are fresh arrays. Hold two epochs' worth, check them after."""
+    storage, expect = ds250
+    loader = build_loader(_cfg(shuffle_window=2, prefetch_members=1), storage, epochs=2)
+    held = list(loader)
+    assert len(held) == 125
+    ids = [int(i) for b in held for i in b[:, 0]]
+    assert sorted(ids[:248]) != ids[:248] and len(set(ids[:248])) == 248
+    for b in held:
+        for row in b.numpy():
+            np.testing.assert_array_equal(row, expect[0][row[0]])
