@@ -1,6 +1,6 @@
 """Typed configuration of training and evaluation (the ``train`` and ``eval`` sections).
 
-Each component owns its class, torchtitan style: the model (``train.model.ModelConfig``), the data
+Each component owns its class, torchtitan style: the model (``train.model_config.ModelConfig``), the data
 loader, the optimizer and schedule, the trainer loop and checkpoints, evaluation.
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .model import ModelConfig
+from .model_config import ModelConfig
 
 
 class _Section(BaseModel):

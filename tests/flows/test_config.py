@@ -117,3 +117,10 @@ def test_file_sections_merge_over_base(tmp_path):
     p = write(tmp_path, "prep:\n  dedup:\n    num_bands: 28\n    rows_per_band: 4\n")
     cfg = load_config(p, base={"prep": {"workers": 5, "dedup": {"seed": 9}}})
     assert (cfg.prep.workers, cfg.prep.dedup.seed, cfg.prep.dedup.num_bands) == (5, 9, 28)
+
+
+def test_reading_a_pipeline_config_does_not_import_torch():
+    """Every CLI call validates the config; torch's import (seconds) must not be part of that."""
+    code = "import sys, shardflow.flows.config as c; c.load_config(None); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr
