@@ -221,7 +221,7 @@ def _parquet_documents(storage: Storage, uri: str, builder: _Builder) -> Iterato
         n += 1
         text = rec.get(text_field)
         if type(text) is str and len(text) > max_bytes // 4 and utf8_len(text) > max_bytes:
-            builder.reject(row, "too_long", "")
+            builder.reject(row, "too_long", text[:EXCERPT_BYTES])  # the head only, as for a JSONL line
             yield n, None
             continue
         yield n, builder.build(rec, row, rec)

@@ -139,6 +139,7 @@ def test_oversized_document_is_quarantined_in_bounded_memory(local_storage, tmp_
     finally:
         tracemalloc.stop()
     assert [(q[1], q[2]) for q in quarantined] == [(2, "too_long")]
+    assert quarantined[0][3].startswith("{") and len(quarantined[0][3]) <= 1024  # the line's head, bounded
     assert [d["id"] for d in docs] == ["a", "7"]
     assert counters["quarantined.too_long"] == 1
     assert peak < 8 << 20, f"peak traced memory {peak / 2**20:.1f} MiB for a 20 MiB record"
@@ -198,6 +199,7 @@ def test_parquet_input(local_storage):
     docs, quarantined, counters = _read(local_storage, "in/rows.parquet", cfg)
     assert [(q[1], q[2]) for q in quarantined] == [(2, "null_text"), (3, "empty_text"), (4, "too_long")]
     assert '"id": "p2"' in quarantined[0][3]
+    assert quarantined[2][3] == "x" * 1024  # a too-long text's excerpt is its bounded head
     assert docs == [
         {"id": "p1", "text": "Parquet row one.", "source": "pq", "meta": {"n": 1}},
         {"id": "rows.parquet:5", "text": "Parquet row five.", "source": "rows.parquet", "meta": {"n": 5}},
