@@ -17,7 +17,7 @@ class _Section(BaseModel):
 
 
 class DatasetSpec(_Section):
-    """One dataset root to train on; several are mixed by weight (``train.data`` explains the schedule).
+    """One dataset root to train on; several are mixed by weight (``train.data_order`` explains the schedule).
 
     Which split is read is the caller's choice (``build_loader(..., split=...)``: train for training,
     val for evaluation), so one list of datasets serves both.

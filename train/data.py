@@ -1,15 +1,9 @@
 """Streaming, exactly resumable loader over WebDataset token shards on any storage.
 
-Why the order is a function of the *global position* and nothing else: a checkpoint must resume on
-another world size or worker count, so neither may enter the order. The stream is one infinite
-sequence of samples: position ``P`` goes (through the mixing schedule) to dataset ``d`` and to the
-``q``-th sample of that dataset's own stream; ``q`` splits into an epoch ``e = q // N_d`` and a place
-``p`` in that epoch's permutation. An epoch's permutation is cheap to reach anywhere: the members
-(tar blocks of ~1 MiB) are permuted with a generator seeded by (seed, dataset, epoch), then the rows
-of each window of ``shuffle_window`` consecutive members are permuted (seeded also by the window).
-Locating ``p`` is a ``searchsorted`` on the cumulative row counts plus one window permutation, and
-index.json gives the byte offset of every row, so a resumed loader reads only rows that it will
-deliver -- never anything before its position.
+The loader in four modules: which sample each global position holds (``data_order``), reading and
+checking shard members (``shard_reader``), indexing shards that other tools wrote (``shard_scan``),
+and here the datasets, each worker's plan and pipeline, and the trainer's handle. This module stays
+the public entry point: ``ShardDataError`` and ``build_index`` are re-exported from here.
 
 Why ranks take contiguous B-sized chunks: with the stream cut into chunks of ``batch_size`` samples
 (counted from the position the iteration started at), rank ``r`` of ``w`` takes chunks
@@ -21,23 +15,14 @@ next epoch (with a new permutation) instead of truncating, so no sample is skipp
 repeated within an epoch; a finite loader (``epochs=k``) stops at the last whole step before
 ``k * samples_per_epoch`` so that ranks still agree.
 
-Why mixing is a fixed periodic schedule: weights are turned into integer quotas per period and the
-period is laid out by smooth weighted round robin, so dataset and per-dataset index of any position
-are O(1) (``period * quota + prefix count``), proportions are exact at every period boundary, and the
-resume state stays the global position alone.
-
 Why the reads look like this: a worker opens a window when its first batch needs it, computes which
 rows of the window it will deliver (the others belong to other ranks/workers or lie before the
-start), and fetches them per member: on object stores with byte-range reads merged across gaps
-under ``coalesce_gap_bytes`` (a range GET costs far more than a few KiB), locally by reading straight
-into the window's buffer. Each fetch also reads the member's 512-byte tar header and its .npy
-header and checks both against the index, so a stale index, a shifted offset, a foreign member name
-or a pickled array is an error naming the shard and the member, not garbage tokens. A reader
-thread reads ahead (bounded by ``prefetch_members``; through a pool of ``io_threads`` on object
-stores, where latency must be overlapped) into window buffers; the thread that iterates gathers each
-batch from them as it asks for it. The two halves of the CPU work -- ``readinto`` from the page
-cache and the gather + widening into the output -- both release the GIL, so they run on two cores,
-and the threads exchange a few events per window rather than a queue item per batch.
+start), and fetches them per member (``shard_reader``). A reader thread reads ahead (bounded by
+``prefetch_members``; through a pool of ``io_threads`` on object stores, where latency must be
+overlapped) into window buffers; the thread that iterates gathers each batch from them as it asks
+for it. The two halves of the CPU work -- ``readinto`` from the page cache and the gather +
+widening into the output -- both release the GIL, so they run on two cores, and the threads exchange
+a few events per window rather than a queue item per batch.
 
 What bounds throughput: batches are int64 by default (what the model takes), i.e. 8 bytes written
 per 2-byte token read, so the widening, not I/O, dominates on local disk. ``out_dtype`` int32 or
@@ -46,18 +31,11 @@ such batches on the device. bench/loader.py measures each against the plain-read
 """
 from __future__ import annotations
 
-import bisect
-import collections
 import contextlib
-import functools
-import io
 import os
 import pickle
-import posixpath
 import queue
-import tarfile
 import threading
-import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
@@ -67,21 +45,15 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shardflow.storage import Storage
-from shardflow.storage.shards import INDEX_REF, SHARDS_DIR, make_index, read_index, shard_ref, validate_index, validate_member_name
-from shardflow.storage.store import StorageError, digest_json
+from shardflow.storage.shards import INDEX_REF, read_index, shard_ref, validate_index
+from shardflow.storage.store import digest_json
 
 from .config import LoaderConfig
-
-ORDER_VERSION = 1
-"""Bump when the mapping from (seed, index, position) to samples changes: old states are refused."""
+from .data_order import ORDER_VERSION, _EpochOrder, _MixSchedule
+from .shard_reader import TAR_BLOCK, ShardDataError, _MemberCache, _Reader  # noqa: F401 - ShardDataError re-exported
+from .shard_scan import build_index  # noqa: F401 - re-exported: the loader's public entry point
 
 STATE_VERSION = 1
-TAR_BLOCK = 512
-MIX_PERIOD = 4096
-"""Period of the mixing schedule when weights are not small integers (proportions exact to 1/4096)."""
-NO_DIGEST = "sha256:unknown"
-_TOKEN_EXT = "tokens.npy"
-_ALLOWED_EXT = {"tokens.npy", "docs.npy", "meta.json"}
 _MAX_PENDING_EVENTS = 1024
 GROUP_TOKENS = 1 << 21
 MAX_GROUP = 64
@@ -93,10 +65,6 @@ MAX_GROUP batches (short rows must not make the first batch wait)."""
 
 def default_group(batch_size: int, row_len: int, num_workers: int = 0) -> int:
     return min(MAX_GROUP, max(1, GROUP_TOKENS // (batch_size * row_len)))
-
-
-class ShardDataError(RuntimeError):
-    """A shard does not match its index (missing, truncated, corrupt, foreign member); names it."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -184,114 +152,6 @@ def _entry_ref(entry: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Order: epoch permutation of one dataset, and the mixing schedule
-# ---------------------------------------------------------------------------------------------------
-
-class _EpochOrder:
-    """Epoch ``epoch`` of one dataset: members permuted, rows permuted within windows of members."""
-
-    def __init__(self, rows: np.ndarray, seed: int, slot: int, epoch: int, shuffle: bool, window: int):
-        n = len(rows)
-        self.key = (seed, slot, epoch)
-        self.shuffle = shuffle
-        self.window = window
-        self.perm = np.random.default_rng([seed, slot, epoch, 0]).permutation(n) if shuffle else np.arange(n)
-        self.cum = np.zeros(n + 1, np.int64)
-        np.cumsum(rows[self.perm], out=self.cum[1:])
-        self.bounds = self.cum[np.r_[np.arange(0, n, window), n]]
-        self._bounds_list = self.bounds.tolist()
-        self._wperm: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
-
-    def window_of(self, p: np.ndarray) -> np.ndarray:
-        return np.searchsorted(self.bounds, p, side="right") - 1
-
-    def window_index(self, p: int) -> int:
-        return bisect.bisect_right(self._bounds_list, p) - 1
-
-    def window_range(self, w: int) -> tuple[int, int]:
-        return int(self.bounds[w]), int(self.bounds[w + 1])
-
-    def _window_perm(self, w: int) -> np.ndarray:
-        perm = self._wperm.get(w)
-        if perm is None:
-            lo, hi = self.window_range(w)
-            seed, slot, epoch = self.key
-            perm = np.random.default_rng([seed, slot, epoch, 1 + w]).permutation(hi - lo)
-            self._wperm[w] = perm
-            if len(self._wperm) > 4:
-                self._wperm.popitem(last=False)
-        return perm
-
-    def offsets(self, w: int, p: np.ndarray) -> np.ndarray:
-        """Where epoch places ``p`` (inside window ``w``) are in the window's rows, which are its
-        members' rows concatenated in permuted member order."""
-        o = p - self.bounds[w]
-        return self._window_perm(w)[o] if self.shuffle else o
-
-    def members(self, w: int, o: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(member, row) of window offsets ``o``."""
-        m0 = w * self.window
-        m1 = min(m0 + self.window, len(self.perm))
-        local = self.cum[m0 : m1 + 1] - self.cum[m0]
-        j = np.searchsorted(local, o, side="right") - 1
-        return self.perm[m0 + j], o - local[j]
-
-    def locate(self, w: int, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(member, row) of epoch places ``p``, all inside window ``w``."""
-        return self.members(w, self.offsets(w, p))
-
-
-class _MixSchedule:
-    """Which dataset, and which sample of it, each global position holds (O(1) both ways)."""
-
-    def __init__(self, weights: list[float]):
-        w = np.asarray(weights, dtype=np.float64)
-        if w.ndim != 1 or not len(w) or not np.all(np.isfinite(w)) or np.any(w <= 0):
-            raise ValueError(f"dataset weights must be positive numbers, got {weights}")
-        if np.all(w == np.round(w)) and w.sum() <= MIX_PERIOD:
-            q = w.astype(np.int64)
-            q //= np.gcd.reduce(q)
-        else:
-            ideal = w / w.sum() * MIX_PERIOD
-            q = np.floor(ideal).astype(np.int64)
-            rest = MIX_PERIOD - int(q.sum())
-            q[np.argsort(-(ideal - q), kind="stable")[:rest]] += 1
-            while np.any(q == 0):  # a tiny weight still gets one slot per period
-                q[np.argmax(q)] -= 1
-                q[np.argmin(q)] += 1
-        self.quota = q
-        self.period = int(q.sum())
-        quota = q.tolist()
-        cur = [0] * len(quota)
-        sched = []
-        for _ in range(self.period):  # smooth weighted round robin: each dataset spread evenly
-            cur = [c + qd for c, qd in zip(cur, quota)]
-            d = cur.index(max(cur))
-            sched.append(d)
-            cur[d] -= self.period
-        self.sched = np.asarray(sched, np.int64)
-        sched = self.sched
-        self.prefix = np.zeros((len(q), self.period + 1), np.int64)
-        for d in range(len(q)):
-            np.cumsum(sched == d, out=self.prefix[d, 1:])
-        self.occ = [np.flatnonzero(sched == d) for d in range(len(q))]
-
-    def split(self, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        per, k = np.divmod(pos, self.period)
-        d = self.sched[k]
-        return d, per * self.quota[d] + self.prefix[d, k]
-
-    def positions(self, d: int, q: np.ndarray) -> np.ndarray:
-        per, j = np.divmod(q, self.quota[d])
-        return per * self.period + self.occ[d][j]
-
-    def consumed(self, d: int, pos: int) -> int:
-        """Samples of dataset ``d`` among the first ``pos`` global positions."""
-        per, k = divmod(pos, self.period)
-        return per * int(self.quota[d]) + int(self.prefix[d, k])
-
-
-# ---------------------------------------------------------------------------------------------------
 # The per-worker plan: windows to open, batches to assemble, windows to drop
 # ---------------------------------------------------------------------------------------------------
 
@@ -328,350 +188,6 @@ class _Batch:
 @dataclass
 class _Drop:
     key: tuple[int, int, int]
-
-
-# ---------------------------------------------------------------------------------------------------
-# Reading members
-# ---------------------------------------------------------------------------------------------------
-
-def _parse_npy_header(buf: bytes, where: str) -> tuple[int, tuple[int, ...], np.dtype]:
-    """(header length, shape, dtype) of an .npy prefix; refuses object (pickled) and Fortran arrays."""
-    try:
-        return _parse_npy_header_cached(buf)
-    except ShardDataError as exc:
-        raise ShardDataError(f"{where}: {exc}") from None
-
-
-@functools.lru_cache(maxsize=256)
-def _parse_npy_header_cached(buf: bytes) -> tuple[int, tuple[int, ...], np.dtype]:
-    """Members of a shard share a few header shapes; numpy parses headers with literal_eval (slow)."""
-    bio = io.BytesIO(buf)
-    try:
-        major, minor = np.lib.format.read_magic(bio)
-        if (major, minor) == (1, 0):
-            shape, fortran, dtype = np.lib.format.read_array_header_1_0(bio)
-        elif (major, minor) in ((2, 0), (3, 0)):
-            shape, fortran, dtype = np.lib.format.read_array_header_2_0(bio)
-        else:
-            raise ValueError(f"unsupported .npy format version {major}.{minor}")
-    except ValueError as exc:
-        raise ShardDataError(f"not a valid .npy header ({exc})") from None
-    if dtype.hasobject:
-        raise ShardDataError(".npy holds Python objects (pickle); refused")
-    if fortran:
-        raise ShardDataError("Fortran-ordered .npy; token blocks must be C order")
-    return bio.tell(), tuple(shape), dtype
-
-
-def _npy_header_length(prefix: bytes, where: str) -> int:
-    if len(prefix) < 10 or prefix[:6] != b"\x93NUMPY":
-        raise ShardDataError(f"{where}: not an .npy file (bad magic)")
-    if prefix[6] == 1:
-        return 10 + int.from_bytes(prefix[8:10], "little")
-    if len(prefix) < 12:
-        raise ShardDataError(f"{where}: truncated .npy header")
-    return 12 + int.from_bytes(prefix[8:12], "little")
-
-
-class _MemberCache:
-    """Members of remote shards kept on local disk, bounded, least recently used evicted first.
-
-    Content-addressed by the shard's sha256 from the index (a rewritten shard gets new entries), so
-    processes and runs share it safely; files are published by rename, so a reader never sees half.
-    """
-
-    def __init__(self, root: str, limit: int):
-        self.root = os.path.abspath(os.path.expanduser(root))
-        self.limit = limit
-        self._total: int | None = None
-        self._lock = threading.Lock()
-
-    def namespace(self, src: _Source, s: int) -> str:
-        sha = src.shard_sha[s]
-        if sha != NO_DIGEST and sha.startswith("sha256:"):
-            return sha[7:47]
-        return digest_json([src.shard_uri(s), src.shard_bytes[s]])[7:47]
-
-    def path(self, src: _Source, m: int) -> str:
-        s = int(src.m_shard[m])
-        return os.path.join(self.root, self.namespace(src, s), f"{src.m_key[m]}.member")
-
-    def verified_marker(self, src: _Source, s: int) -> str | None:
-        sha = src.shard_sha[s]
-        return os.path.join(self.root, sha[7:47] + ".verified") if sha != NO_DIGEST else None
-
-    def touch(self, path: str) -> None:
-        with contextlib.suppress(OSError):
-            os.utime(path)
-
-    def put(self, path: str, data: bytes) -> None:
-        if len(data) > self.limit:
-            return
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-        self._account(len(data))
-
-    def mark(self, path: str) -> None:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "wb"):
-            pass
-
-    def _scan(self) -> list[tuple[float, int, str]]:
-        found = []
-        for dirpath, _, files in os.walk(self.root):
-            for name in files:
-                if not name.endswith(".member"):
-                    continue
-                p = os.path.join(dirpath, name)
-                with contextlib.suppress(FileNotFoundError):
-                    st = os.stat(p)
-                    found.append((st.st_mtime, st.st_size, p))
-        return found
-
-    def _account(self, n: int) -> None:
-        with self._lock:
-            if self._total is None:
-                self._total = sum(size for _, size, _ in self._scan())
-            else:
-                self._total += n
-            if self._total <= self.limit:
-                return
-            files = sorted(self._scan())  # other processes share the directory: recount
-            total = sum(size for _, size, _ in files)
-            target = int(self.limit * 0.9)
-            for _, size, p in files:
-                if total <= target:
-                    break
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(p)
-                    total -= size
-            self._total = total
-
-
-class _FileMember:
-    """A member read from an open file (seek + readinto: no intermediate bytes object)."""
-
-    def __init__(self, f, base: int, uri: str, owned: bool = True):
-        self.f, self.base, self.uri, self.owned = f, base, uri, owned
-
-    def __enter__(self) -> "_FileMember":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.owned:
-            self.f.close()
-
-    def _short(self, start: int, want: int, got: int) -> StorageError:
-        return StorageError(f"short read of {self.uri}: wanted {want} bytes at {self.base + start}, got {got} (truncated?)")
-
-    def read(self, start: int, n: int) -> bytes:
-        self.f.seek(self.base + start)
-        data = self.f.read(n)
-        if len(data) != n:
-            raise self._short(start, n, len(data))
-        return data
-
-    def read_into(self, start: int, dst: np.ndarray) -> None:
-        self.f.seek(self.base + start)
-        view = memoryview(dst).cast("B")
-        got = 0
-        while got < len(view):
-            n = self.f.readinto(view[got:])
-            if not n:
-                raise self._short(start, len(view), got)
-            got += n
-
-
-class _BlobMember:
-    """A member of which the wanted ranges were fetched already (range GETs or a cache fill)."""
-
-    def __init__(self, blobs: list[tuple[int, bytes]], uri: str):
-        self.blobs, self.uri = blobs, uri
-
-    def __enter__(self) -> "_BlobMember":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.blobs = []
-
-    def read(self, start: int, n: int) -> memoryview:
-        for at, blob in self.blobs:
-            if at <= start and start + n <= at + len(blob):
-                return memoryview(blob)[start - at : start - at + n]
-        raise AssertionError(f"{self.uri}: bytes {start}+{n} were not fetched")  # a planning bug, not bad data
-
-    def read_into(self, start: int, dst: np.ndarray) -> None:
-        memoryview(dst).cast("B")[:] = self.read(start, dst.nbytes)
-
-
-class _Reader:
-    """Fetches a unit's rows into its window buffer, checking the shard and the member headers."""
-
-    def __init__(self, sources: list[_Source], verify: bool, gap: int | None, cache: _MemberCache | None):
-        self.sources = sources
-        self.verify = verify
-        self.gap = gap
-        self.cache = cache
-        self._checked: dict[tuple[int, int], Future] = {}
-        self._lock = threading.Lock()
-        self._local = threading.local()
-        self._files: list[Any] = []
-
-    _OPEN_FILES = 16
-
-    def _file(self, src: _Source, s: int):
-        """A shard kept open per reading thread (the most recent few): an open through fsspec costs
-        about as much as reading a few hundred KiB from the page cache."""
-        files = getattr(self._local, "files", None)
-        if files is None:
-            files = self._local.files = collections.OrderedDict()
-        key = (src.slot, s)
-        f = files.get(key)
-        if f is not None:
-            files.move_to_end(key)
-            return f
-        f = files[key] = src.storage.open_read(src.shard_refs[s])
-        with self._lock:
-            self._files.append(f)
-        if len(files) > self._OPEN_FILES:
-            _, old = files.popitem(last=False)
-            with self._lock:
-                self._files.remove(old)
-            old.close()
-        return f
-
-    def close(self) -> None:
-        """Close the shards left open (after the reading threads have stopped)."""
-        with self._lock:
-            files, self._files = self._files, []
-        for f in files:
-            with contextlib.suppress(Exception):
-                f.close()
-
-    def _gap(self, src: _Source) -> int:
-        if self.gap is not None:
-            return self.gap
-        return 64 << 10 if src.storage.is_local else 4 << 20
-
-    # -- whole-shard checks, once per process --------------------------------------------------
-    def check_shard(self, src: _Source, s: int) -> None:
-        with self._lock:
-            fut = self._checked.get((src.slot, s))
-            owner = fut is None
-            if owner:
-                fut = self._checked[(src.slot, s)] = Future()
-        if owner:
-            try:
-                self._check_shard(src, s)
-                fut.set_result(None)
-            except BaseException as exc:
-                fut.set_exception(exc)
-        fut.result()
-
-    def _check_shard(self, src: _Source, s: int) -> None:
-        uri = src.shard_uri(s)
-        ref = src.shard_refs[s]
-        try:
-            size = src.storage.size(ref)
-        except FileNotFoundError:
-            raise ShardDataError(f"{uri}: shard listed in the index is missing") from None
-        except StorageError as exc:
-            raise ShardDataError(f"{uri}: cannot stat shard: {exc}") from None
-        if size != src.shard_bytes[s]:
-            raise ShardDataError(f"{uri}: {size} bytes but the index says {src.shard_bytes[s]} (truncated or replaced shard)")
-        if not self.verify:
-            return
-        want = src.shard_sha[s]
-        if want == NO_DIGEST:
-            raise ShardDataError(f"{uri}: the index records no sha256 (built without digests); "
-                                 "rebuild it with build_index(..., digests=True) or turn verify_digests off")
-        marker = self.cache.verified_marker(src, s) if self.cache is not None and not src.storage.is_local else None
-        if marker is not None and os.path.exists(marker):
-            return
-        got = src.storage.digest(ref)
-        if got != want:
-            raise ShardDataError(f"{uri}: sha256 {got} does not match the index ({want}): corrupt shard")
-        if marker is not None:
-            self.cache.mark(marker)
-
-    # -- one unit --------------------------------------------------------------------------------
-    def fetch(self, unit: _Unit, buf: np.ndarray) -> None:
-        """Read the unit's rows into its slots of the window buffer (straight into it where a run of
-        rows is wanted whole), after checking the member's tar and .npy headers."""
-        src = self.sources[unit.src]
-        m = unit.member
-        self.check_shard(src, int(src.m_shard[m]))
-        row_bytes = src.row_bytes
-        head = TAR_BLOCK + int(src.m_header[m])  # tar header + npy header, before row 0
-        rows = unit.rows
-        gap = self._gap(src)
-        n = len(rows)
-        if int(rows[-1]) - int(rows[0]) + 1 == n:  # rows are sorted and unique: one run, no gaps
-            runs = [(int(rows[0]), int(rows[0]) + n, 0, n)]
-        else:
-            cut = (np.flatnonzero(np.diff(rows) - 1 > gap // row_bytes) + 1).tolist()
-            bounds = [0, *cut, n]
-            runs = [(int(rows[i]), int(rows[j - 1]) + 1, i, j) for i, j in zip(bounds[:-1], bounds[1:])]
-        member = self._open_member(src, m, head, [(head + a * row_bytes, (b - a) * row_bytes) for a, b, _, _ in runs], gap)
-        with member:
-            self._check_headers(src, m, member.read(0, head))
-            for a, b, i, j in runs:
-                dst = buf[unit.slot0 + i : unit.slot0 + j]
-                if j - i == b - a:
-                    member.read_into(head + a * row_bytes, dst)
-                else:
-                    arr = np.frombuffer(member.read(head + a * row_bytes, (b - a) * row_bytes), dtype=src.dtype)
-                    np.take(arr.reshape(b - a, src.row_len), rows[i:j] - a, axis=0, out=dst)
-
-    def _open_member(self, src: _Source, m: int, head: int, ranges: list[tuple[int, int]], gap: int):
-        """Byte access to one member relative to its tar header: a local file, a cached copy, or the
-        wanted ranges fetched up front by range reads (merged across small gaps, header included)."""
-        ref = src.shard_refs[int(src.m_shard[m])]
-        base = int(src.m_offset[m]) - TAR_BLOCK
-        uri = src.shard_uri(int(src.m_shard[m]))
-        if src.storage.is_local:
-            return _FileMember(self._file(src, int(src.m_shard[m])), base, uri, owned=False)
-        if self.cache is not None:
-            path = self.cache.path(src, m)
-            with contextlib.suppress(FileNotFoundError):
-                member = _FileMember(open(path, "rb", buffering=0), 0, path)
-                self.cache.touch(path)
-                return member
-            size = head + int(src.m_rows[m]) * src.row_bytes
-            whole = src.storage.read_range(ref, base, size)
-            self._check_headers(src, m, whole[:head])
-            self.cache.put(path, whole)
-            return _BlobMember([(0, whole)], uri)
-        merged: list[list[int]] = [[0, head]]
-        for start, n in ranges:
-            if start - merged[-1][1] <= gap:
-                merged[-1][1] = start + n
-            else:
-                merged.append([start, start + n])
-        return _BlobMember([(a, src.storage.read_range(ref, base + a, b - a)) for a, b in merged], uri)
-
-    def _check_headers(self, src: _Source, m: int, head: bytes) -> None:
-        s = int(src.m_shard[m])
-        key = src.m_key[m]
-        where = f"{src.shard_uri(s)} member {key}"
-        try:
-            info = tarfile.TarInfo.frombuf(bytes(head[:TAR_BLOCK]), "utf-8", "surrogateescape")
-        except tarfile.HeaderError as exc:
-            raise ShardDataError(f"{where}: no valid tar header at offset {int(src.m_offset[m]) - TAR_BLOCK} ({exc}); "
-                                 "the shard is corrupt or the index does not describe it") from None
-        expected = f"{key}.{_TOKEN_EXT}"
-        if info.name != expected:
-            raise ShardDataError(f"{where}: tar member is {info.name!r}, expected {expected!r}")
-        size = int(src.m_header[m]) + int(src.m_rows[m]) * src.row_bytes
-        if not info.isreg() or info.size != size:
-            raise ShardDataError(f"{where}: tar member is not a regular file of {size} bytes")
-        hlen, shape, dtype = _parse_npy_header(bytes(head[TAR_BLOCK:]), where)
-        if hlen != int(src.m_header[m]) or dtype != src.dtype or shape != (int(src.m_rows[m]), src.row_len):
-            raise ShardDataError(f"{where}: .npy header says {dtype}{shape} in {hlen} bytes, the index says "
-                                 f"{src.dtype}({int(src.m_rows[m])}, {src.row_len}) in {int(src.m_header[m])} bytes")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1390,116 +906,3 @@ def build_loader(
         cache_dir=cfg.cache_dir, cache_limit_bytes=cfg.cache_limit_bytes, out_dtype=cfg.out_dtype,
     )
     return StatefulLoader(ds, num_workers=cfg.num_workers, pin_memory=cfg.pin_memory, epochs=epochs)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Indexing shards that someone else wrote
-# ---------------------------------------------------------------------------------------------------
-
-def _expand(storage: Storage, pattern_or_urls: str | list[str]) -> list[str]:
-    if isinstance(pattern_or_urls, (list, tuple)):
-        return list(pattern_or_urls)
-    if "{" in pattern_or_urls:
-        import braceexpand
-
-        return list(braceexpand.braceexpand(pattern_or_urls))
-    if any(ch in pattern_or_urls for ch in "*?["):
-        found = storage.glob(pattern_or_urls)
-        if not found:
-            raise FileNotFoundError(f"no shards match {storage.uri(pattern_or_urls)}")
-        return found
-    return [pattern_or_urls]
-
-
-def _scan_tar(storage: Storage, ref: str) -> tuple[list[dict[str, Any]], int, np.dtype | None, int]:
-    """Member entries of one tar from its headers (data is skipped by seeking), checked for safety."""
-    uri = storage.uri(ref)
-    members: list[dict[str, Any]] = []
-    seq_len, dtype = -1, None
-    keys: set[str] = set()
-    with storage.open_read(ref, block_size=1 << 16) as f:
-        try:
-            tf = tarfile.open(fileobj=f, mode="r:")
-        except tarfile.TarError as exc:
-            raise ShardDataError(f"{uri}: not a readable uncompressed tar ({exc})") from None
-        while True:
-            try:
-                info = tf.next()
-            except tarfile.TarError as exc:
-                raise ShardDataError(f"{uri}: corrupt tar after {len(members)} members ({exc})") from None
-            if info is None:
-                break
-            where = f"{uri} member {info.name!r}"
-            try:
-                validate_member_name(info.name)
-            except ValueError as exc:
-                raise ShardDataError(f"{uri}: {exc}") from None
-            if not info.isreg():
-                raise ShardDataError(f"{where}: not a regular file (links, devices and directories are refused)")
-            key, _, ext = posixpath.basename(info.name).partition(".")
-            if "/" in info.name or not key or not all(ch.isalnum() or ch in "_-" for ch in key):
-                raise ShardDataError(f"{where}: sample keys must be dot-free names of letters, digits, '_' and '-'")
-            if ext not in _ALLOWED_EXT:
-                raise ShardDataError(f"{where}: unsupported member type {ext!r}; only {sorted(_ALLOWED_EXT)} are read "
-                                     "(pickled formats such as .pyd/.pickle/.pth are refused)")
-            if ext != _TOKEN_EXT:
-                continue
-            if key in keys:
-                raise ShardDataError(f"{where}: key {key!r} repeated")
-            keys.add(key)
-            f.seek(info.offset_data)
-            prefix = f.read(min(info.size, 16))
-            hlen_guess = _npy_header_length(prefix, where)
-            f.seek(info.offset_data)
-            hlen, shape, dt = _parse_npy_header(f.read(min(info.size, hlen_guess)), where)
-            if dt not in (np.dtype("<u2"), np.dtype("<u4")) or len(shape) != 2 or shape[1] < 2:
-                raise ShardDataError(f"{where}: token blocks must be 2-D little-endian uint16/uint32, got {dt}{shape}")
-            if info.size != hlen + shape[0] * shape[1] * dt.itemsize:
-                raise ShardDataError(f"{where}: {info.size} bytes do not hold a {dt}{shape} array")
-            if dtype is None:
-                seq_len, dtype = shape[1] - 1, dt
-            elif (shape[1] - 1, dt) != (seq_len, dtype):
-                raise ShardDataError(f"{where}: {dt}{shape} differs from earlier members ({dtype}, seq_len {seq_len})")
-            members.append({"key": key, "offset": info.offset_data, "size": info.size, "rows": shape[0], "npy_header": hlen})
-    return members, seq_len, dtype, storage.size(ref)
-
-
-def build_index(
-    storage: Storage,
-    pattern_or_urls: str | list[str],
-    split: str = "train",
-    *,
-    vocab_size: int | None = None,
-    eos_id: int = 0,
-    tokenizer_digest: str = "unknown",
-    digests: bool = False,
-) -> dict[str, Any]:
-    """index.json for WebDataset shards written by other tools (``<key>.tokens.npy`` members).
-
-    Reads tar and .npy headers only (seeking past the data), unless ``digests`` also hashes each
-    shard for ``verify_digests``. Tars under ``<root>/shards/`` are named as the index contract
-    says; others are recorded with their absolute ``uri``. ``vocab_size`` defaults to the dtype's
-    range (pass the tokenizer's). Publish it with ``storage.shards.write_index`` to train on it.
-    """
-    entries = []
-    seq_len, dtype = -1, None
-    for ref in _expand(storage, pattern_or_urls):
-        name = posixpath.basename(ref.rstrip("/"))
-        members, sl, dt, nbytes = _scan_tar(storage, ref)
-        if dt is not None:
-            if dtype is None:
-                seq_len, dtype = sl, dt
-            elif (sl, dt) != (seq_len, dtype):
-                raise ShardDataError(f"{storage.uri(ref)}: {dt} seq_len {sl} differs from other shards ({dtype}, {seq_len})")
-        rows = sum(m["rows"] for m in members)
-        entry: dict[str, Any] = {"name": name, "bytes": nbytes, "sha256": storage.digest(ref) if digests else NO_DIGEST,
-                                 "samples": rows, "tokens": rows * (seq_len + 1), "members": members}
-        if storage.uri(ref) != storage.uri(f"{SHARDS_DIR}/{name}"):
-            entry["uri"] = storage.uri(ref)
-        entries.append(entry)
-    if dtype is None:
-        raise ShardDataError(f"no {_TOKEN_EXT} members in {pattern_or_urls!r}")
-    for e in entries:
-        e["tokens"] = e["samples"] * (seq_len + 1)
-    vocab = vocab_size if vocab_size is not None else int(np.iinfo(dtype).max) + 1
-    return make_index(seq_len, dtype, vocab, tokenizer_digest, eos_id, {split: entries})
