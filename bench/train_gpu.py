@@ -12,6 +12,7 @@ peak = 989 TFLOP/s (H100 SXM dense bf16; pass ``--peak-tflops`` for another part
     python bench/train_gpu.py                       # the 1B model on cuda:0, bf16, compiled
     python bench/train_gpu.py --dispatch capacity   # static-shape dispatch (compile-friendly)
     python bench/train_gpu.py --tiny                # a CPU smoke run of the same code path
+    python bench/train_gpu.py --tiny --compile      # the same, through torch.compile (inductor on CPU)
 
 Prints one JSON line with the figures at the end.
 """
@@ -53,7 +54,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=None, help="timed optimizer steps (default 20; tiny 3)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (compile, autotune; default 5; tiny 1)")
     ap.add_argument("--dispatch", choices=["dropless", "capacity"], default="dropless")
-    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--compile", dest="compile", action="store_true", default=None,
+                    help="per-block torch.compile (default on GPU; off with --tiny unless given)")
+    ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument("--activation-checkpointing", action="store_true")
     ap.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto")
     ap.add_argument("--peak-tflops", type=float, default=H100_SXM_BF16_TFLOPS)
@@ -66,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     seq = args.seq_len or (64 if args.tiny else 2048)
     steps = args.steps or (3 if args.tiny else 20)
     warmup = args.warmup if args.warmup is not None else (1 if args.tiny else 5)
-    compile_ = not args.no_compile and not args.tiny
+    compile_ = args.compile if args.compile is not None else not args.tiny
     cfg = ModelConfig(**(TINY if args.tiny else ONE_B), router={"dispatch": args.dispatch})
     if seq > cfg.max_seq_len:
         ap.error(f"--seq-len {seq} exceeds max_seq_len {cfg.max_seq_len}")
