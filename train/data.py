@@ -45,12 +45,12 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shardflow.storage import Storage
-from shardflow.storage.shards import INDEX_REF, read_index, shard_ref, validate_index
+from shardflow.storage.shards import INDEX_REF, TAR_BLOCK, read_index, shard_ref, validate_index
 from shardflow.storage.store import digest_json
 
 from .config import LoaderConfig
 from .data_order import ORDER_VERSION, _EpochOrder, _MixSchedule
-from .shard_reader import TAR_BLOCK, ShardDataError, _MemberCache, _Reader  # noqa: F401 - ShardDataError re-exported
+from .shard_reader import ShardDataError, _MemberCache, _Reader  # noqa: F401 - ShardDataError re-exported
 from .shard_scan import build_index  # noqa: F401 - re-exported: the loader's public entry point
 
 STATE_VERSION = 1
