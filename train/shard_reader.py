@@ -18,15 +18,14 @@ import tarfile
 import threading
 import uuid
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from shardflow.storage.shards import TAR_BLOCK
 from shardflow.storage.store import StorageError, digest_json
 
-if TYPE_CHECKING:
-    from .data import _Source, _Unit
+from .data_plan import _Source, _Unit
 
 NO_DIGEST = "sha256:unknown"
 _TOKEN_EXT = "tokens.npy"
