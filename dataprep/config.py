@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic import field_validator, model_validator
 
+from shardflow.storage.doc_split import DEFAULT_ADD_BOS, DEFAULT_SPLIT_SEED, DEFAULT_VAL_FRACTION
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -166,10 +168,10 @@ class TokenizeConfig(_Section):
     seq_len: int = 256
     rows_per_member: int = Field(0, description="Sequences per tar member; 0 = as many as fit in ~1 MiB.")
     samples_per_shard: int = Field(8192, description="Sequences per output tar shard.")
-    val_fraction: float = 0.02
-    split_seed: int = 0
+    val_fraction: float = DEFAULT_VAL_FRACTION
+    split_seed: int = DEFAULT_SPLIT_SEED
     num_threads: int = 2
-    add_bos: bool = False
+    add_bos: bool = DEFAULT_ADD_BOS
     write_doc_boundaries: bool = False
     encode_batch_chars: int = Field(4_000_000, description="Characters of text handed to sentencepiece per multithreaded encode call.")
 

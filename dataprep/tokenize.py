@@ -10,7 +10,8 @@ so doing it in one place costs little, and changing ``seq_len`` or the shard siz
 
 Why the split hashes only the document id (with its own domain string and seed): a document stays
 in the same split when other documents are added, removed or edited, and evaluation can find the
-held-out documents again with :func:`doc_split`.
+held-out documents again with :func:`doc_split` (the rule lives in ``shardflow.storage.doc_split``,
+the contract layer, which evaluation imports too).
 
 Why encoding runs on a helper thread: sentencepiece releases the GIL while encoding a batch with its
 own thread pool, so reading and parsing the next batch overlaps with encoding the current one.
@@ -28,6 +29,8 @@ import numpy as np
 import xxhash
 
 from shardflow.storage import Storage, digest_json
+from shardflow.storage.doc_split import SPLIT_DOMAIN as _SPLIT_DOMAIN
+from shardflow.storage.doc_split import doc_split, val_threshold  # noqa: F401 - doc_split: the rule, re-exported for callers of this stage
 from shardflow.storage.manifest import ShardState, classify, list_records, record_ref
 from shardflow.storage.shards import (
     INDEX_REF,
@@ -39,30 +42,16 @@ from shardflow.storage.shards import (
     token_dtype,
     write_index,
 )
+from shardflow.storage.tokenizer_files import MODEL_REF, load_tokenizer
 
 from .config import PrepConfig, TokenizeConfig
 from .stage import ShardOutput, ShardSpec, upstream_shards
-from .tokenizer import GLOBAL_SHARD, MODEL_REF, iter_id_text, load_tokenizer, tokenizer_model_digest
+from .tokenizer import GLOBAL_SHARD, iter_id_text, tokenizer_model_digest
 
 FORMAT_VERSION = 1
 STAGE_DIR = "stages/tokenize"
-_SPLIT_DOMAIN = b"shardflow-split\x00"
 _MAX_IN_FLIGHT = 2
 """Encode batches queued at once: enough to keep sentencepiece busy, bounded memory."""
-
-
-# -- the train/val split ----------------------------------------------------------------------------
-
-def val_threshold(val_fraction: float) -> int:
-    if not 0.0 <= val_fraction <= 1.0:
-        raise ValueError(f"val_fraction must be within [0, 1], got {val_fraction}")
-    return min(int(val_fraction * 2.0**64), 2**64)
-
-
-def doc_split(doc_id: str, val_fraction: float, split_seed: int) -> str:
-    """'val' or 'train' for a document id: the rule the tokenize stage applies (for evaluation)."""
-    h = xxhash.xxh3_64_intdigest(_SPLIT_DOMAIN + doc_id.encode("utf-8"), seed=split_seed)
-    return "val" if h < val_threshold(val_fraction) else "train"
 
 
 def stream_ref(shard_id: str, split: str) -> str:

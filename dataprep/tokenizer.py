@@ -27,6 +27,15 @@ import xxhash
 from shardflow.storage import Storage, digest_json
 from shardflow.storage.jsonl import iter_lines
 from shardflow.storage.manifest import read_record
+from shardflow.storage.tokenizer_files import (  # noqa: F401 - load_tokenizer: how the stage's outputs are read back
+    META_REF,
+    MODEL_REF,
+    VOCAB_REF,
+    encode_varint,
+    load_tokenizer,
+    proto_fields,
+    read_varint,
+)
 
 from .config import PrepConfig, TokenizerConfig
 from .stage import ShardOutput, ShardSpec, upstream_shards
@@ -37,10 +46,6 @@ except ImportError:  # pragma: no cover
     from json import loads as _loads
 
 FORMAT_VERSION = 1
-TOKENIZER_DIR = "tokenizer"
-MODEL_REF = f"{TOKENIZER_DIR}/spm.model"
-VOCAB_REF = f"{TOKENIZER_DIR}/spm.vocab"
-META_REF = f"{TOKENIZER_DIR}/tokenizer.json"
 GLOBAL_SHARD = "_all"
 _SAMPLE_DOMAIN = b"shardflow-tokenizer-sample\x00"
 """Domain separation: with equal seeds, the sample must not coincide with the val split's hash order."""
@@ -48,10 +53,6 @@ _SAMPLE_DOMAIN = b"shardflow-tokenizer-sample\x00"
 
 class TokenizerTrainingError(RuntimeError):
     """sentencepiece refused to train; the message says why in terms of our config and sample."""
-
-
-class TokenizerMissingError(FileNotFoundError):
-    """The tokenizer stage has not produced a model yet."""
 
 
 # -- reading documents ----------------------------------------------------------------------------
@@ -151,53 +152,6 @@ def sample_sentences(texts: list[str], max_sentence_bytes: int) -> list[str]:
 
 # -- training ---------------------------------------------------------------------------------------
 
-def _varint(data: bytes, i: int) -> tuple[int, int]:
-    shift = value = 0
-    while True:
-        b = data[i]
-        i += 1
-        value |= (b & 0x7F) << shift
-        if b < 0x80:
-            return value, i
-        shift += 7
-
-
-def _encode_varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
-def proto_fields(data: bytes) -> Iterator[tuple[int, int | bytes, bytes]]:
-    """(field number, value, raw bytes of the whole field incl. tag) of a serialized protobuf message.
-
-    Values are ints for varints and bytes otherwise. A few lines of wire-format reading instead of
-    the protobuf package, which is not a dependency; the exporter reads the model's settings with it.
-    """
-    i = 0
-    while i < len(data):
-        start = i
-        tag, i = _varint(data, i)
-        wire = tag & 7
-        if wire == 0:
-            value, i = _varint(data, i)
-        elif wire in (1, 5):
-            n = 8 if wire == 1 else 4
-            value, i = data[i:i + n], i + n
-        elif wire == 2:
-            n, i = _varint(data, i)
-            value, i = data[i:i + n], i + n
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire}")
-        yield tag >> 3, value, data[start:i]
-
-
 _MODEL_TRAINER_SPEC = 2  # ModelProto.trainer_spec
 _TRAINER_NUM_THREADS = 16  # TrainerSpec.num_threads
 
@@ -213,10 +167,10 @@ def canonical_model(model: bytes) -> bytes:
         if field != _MODEL_TRAINER_SPEC:
             out += raw
             continue
-        tag_end = _varint(raw, 0)[1]
-        _, body_start = _varint(raw, tag_end)
+        tag_end = read_varint(raw, 0)[1]
+        _, body_start = read_varint(raw, tag_end)
         body = b"".join(r for f, _, r in proto_fields(raw[body_start:]) if f != _TRAINER_NUM_THREADS)
-        out += raw[:tag_end] + _encode_varint(len(body)) + body
+        out += raw[:tag_end] + encode_varint(len(body)) + body
     return bytes(out)
 
 
@@ -255,21 +209,6 @@ def vocab_text(model: bytes) -> str:
     """The ``.vocab`` listing sentencepiece writes next to a model: piece<TAB>score per id."""
     sp = spm.SentencePieceProcessor(model_proto=model)
     return "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):.6g}\n" for i in range(sp.get_piece_size()))
-
-
-# -- loading (for the tokenize stage, evaluation and export) ---------------------------------------
-
-def load_tokenizer(storage: Storage) -> tuple[spm.SentencePieceProcessor, dict[str, Any], str]:
-    """(processor, tokenizer.json meta, model digest) of the dataset root's tokenizer."""
-    try:
-        model = storage.read_bytes(MODEL_REF)
-        meta = storage.read_json(META_REF)
-    except FileNotFoundError:
-        raise TokenizerMissingError(f"{storage.uri(MODEL_REF)}: no tokenizer model; run the tokenizer stage first") from None
-    digest = "sha256:" + hashlib.sha256(model).hexdigest()
-    if meta.get("model_digest") != digest:
-        raise ValueError(f"{storage.uri(META_REF)} describes model {meta.get('model_digest')}, but {storage.uri(MODEL_REF)} is {digest}")
-    return spm.SentencePieceProcessor(model_proto=model), meta, digest
 
 
 # -- the stage --------------------------------------------------------------------------------------
