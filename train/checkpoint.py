@@ -45,13 +45,14 @@ from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 from torch.distributed.checkpoint.metadata import StorageMeta
 
-from shardflow.storage import Storage, digest_json
+from shardflow.storage import Storage
+from shardflow.storage.layout import run_ref
 from shardflow.storage.store import StorageError
 
 from .distributed import DistEnv
+from .model_config import model_config_digest
 
 FORMAT_VERSION = 1
-RUNS_DIR = "runs"
 LATEST = "latest"
 META = "meta.json"
 _STEP_DIR = re.compile(r"step-(\d+)")
@@ -61,22 +62,12 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt or belongs to another configuration; the message names it."""
 
 
-def run_ref(run: str) -> str:
-    if not run or "/" in run or run in (".", "..") or not re.fullmatch(r"[A-Za-z0-9_.\-]+", run):
-        raise ValueError(f"run name must be a non-empty name of letters, digits, '_', '-', '.', got {run!r}")
-    return f"{RUNS_DIR}/{run}"
-
-
 def checkpoints_ref(run: str) -> str:
     return f"{run_ref(run)}/checkpoints"
 
 
 def step_name(step: int) -> str:
     return f"step-{step}"
-
-
-def model_config_digest(model_config: dict[str, Any]) -> str:
-    return digest_json(model_config)
 
 
 # -- DCP readers/writers over Storage ----------------------------------------------------------------

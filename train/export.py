@@ -28,10 +28,14 @@ from typing import Any
 import torch
 
 from shardflow.storage import Storage
+from shardflow.storage.doc_split import DEFAULT_ADD_BOS, tokenize_settings
+from shardflow.storage.layout import export_dir
+from shardflow.storage.tokenizer_files import MODEL_REF, load_tokenizer, proto_fields
 
 from .config import TrainConfig
 from .hf_export import save_hf
 from .model import ModelConfig, MoETransformer
+from .model_config import model_config_digest
 
 EXPORT_FORMAT = 1
 _PUBLISH_LAST = "config.json"
@@ -45,8 +49,6 @@ class ExportError(RuntimeError):
 
 def _fields(data: bytes) -> dict[int, list[int | bytes]]:
     """A protobuf message's fields by number (the sentencepiece model's few scalar settings)."""
-    from shardflow.dataprep.tokenizer import proto_fields
-
     out: dict[int, list[int | bytes]] = {}
     try:
         for number, value, _ in proto_fields(data):
@@ -179,13 +181,7 @@ def hf_tokenizer(model_bytes: bytes, meta: Mapping[str, Any], add_bos: bool = Fa
 
 def _add_bos(storage: Storage) -> bool:
     """Whether the shards put BOS before each document (prep.tokenize.add_bos of the root's pipeline.yaml)."""
-    import yaml
-
-    try:
-        body = yaml.safe_load(storage.read_text("pipeline.yaml")) or {}
-    except FileNotFoundError:
-        return False
-    return bool((((body.get("config") or body).get("prep") or {}).get("tokenize") or {}).get("add_bos", False))
+    return bool(tokenize_settings(storage)[0].get("add_bos", DEFAULT_ADD_BOS))
 
 
 def _publish_dir(storage: Storage, local_dir: str, out_dir: str) -> list[str]:
@@ -214,12 +210,10 @@ def export_model(
     """
     from transformers import GenerationConfig
 
-    from shardflow.dataprep.tokenizer import load_tokenizer
-
     state = model_state.state_dict() if isinstance(model_state, torch.nn.Module) else model_state
     sp, meta, tok_digest = load_tokenizer(storage)
     if meta["vocab_size"] > model_cfg.vocab_size:
-        raise ExportError(f"tokenizer at {storage.uri('tokenizer/spm.model')} has {meta['vocab_size']} pieces, "
+        raise ExportError(f"tokenizer at {storage.uri(MODEL_REF)} has {meta['vocab_size']} pieces, "
                           f"more than the model's vocab_size={model_cfg.vocab_size}")
     add_bos = _add_bos(storage) if add_bos is None else add_bos
     model_bytes = sp.serialized_model_proto()
@@ -242,25 +236,19 @@ def export_model(
     return storage.uri(out_dir)
 
 
-def default_out_dir(run: str, step: int | None) -> str:
-    return f"runs/{run}/export/step-{step}" if step is not None else f"runs/{run}/export/latest"
-
-
 def export_checkpoint(train_cfg: TrainConfig, storage: Storage, checkpoint: str | None = None, out_dir: str | None = None) -> str:
     """Export ``checkpoint`` (default: the run's latest) to ``out_dir``; returns the directory's URI.
 
     ``out_dir``: a URI (``s3://...``) or a local path (relative to the current directory, as a user
     typing ``--out DIR`` expects); None = ``runs/<run>/export/step-<n>`` under the dataset root.
     """
-    from shardflow.dataprep.tokenizer import load_tokenizer
-
-    from .evaluate import check_checkpoint_tokenizer, load_model, model_config_digest
+    from .eval_model import check_checkpoint_tokenizer, load_model
 
     model, info = load_model(train_cfg, storage, checkpoint, torch.device("cpu"))
     check_checkpoint_tokenizer(info, load_tokenizer(storage)[2], ExportError)
     if out_dir is None:
-        out_dir = default_out_dir(train_cfg.run, info.get("step"))
+        out_dir = export_dir(train_cfg.run, info.get("step"))
     elif "://" not in out_dir:
         out_dir = os.path.abspath(os.path.expanduser(out_dir))
-    provenance = {"run": train_cfg.run, "checkpoint": info, "model_config_digest": model_config_digest(train_cfg)}
+    provenance = {"run": train_cfg.run, "checkpoint": info, "model_config_digest": model_config_digest(train_cfg.model)}
     return export_model(model, train_cfg.model, storage, out_dir, provenance=provenance)

@@ -2,7 +2,8 @@
 (every CLI call) does not pay torch's import time; ``train.model`` builds the network from it."""
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -100,3 +101,13 @@ class ModelConfig(BaseModel):
         The attention term counts the full score matrix (no causal halving), as MFU is usually quoted.
         """
         return 6 * self.num_active_params() + 12 * self.n_layers * self.n_heads * self.head_dim * seq_len
+
+
+def model_config_digest(model: ModelConfig | Mapping[str, Any]) -> str:
+    """The digest of a model config, as checkpoints record it and evaluation reports it.
+
+    One function for both, so the two can never disagree: a ModelConfig is digested as its JSON
+    dump, which is what a checkpoint's ``meta.json`` stores as ``model_config``."""
+    from shardflow.storage.store import digest_json
+
+    return digest_json(model.model_dump(mode="json") if isinstance(model, ModelConfig) else dict(model))

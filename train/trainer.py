@@ -34,26 +34,22 @@ import numpy as np
 import torch
 
 from shardflow.storage import Storage, StorageConfig
+from shardflow.storage.layout import metrics_ref
 from shardflow.storage.shards import ShardIndexError, read_index
 
-from .checkpoint import Checkpointer, CheckpointError, capture_rng, model_config_digest, restore_rng, run_ref
+from .checkpoint import Checkpointer, CheckpointError, capture_rng, restore_rng
 from .config import TrainConfig
-from .data import tokens_to
+from .data import dataset_storage, tokens_to
 from .distributed import DistEnv, autocast_dtype, init_distributed, set_grad_sync, teardown, wrap_model
 from .metrics import MetricsLog, Progress
 from .model import MoETransformer
+from .model_config import model_config_digest
 from .optim import WarmupCosine, build_optimizer
+from .validation import val_batches
 
 
 class TrainingDataError(ValueError):
     """The shards cannot feed this model (missing, empty, other tokenizer/vocabulary); names the file."""
-
-
-def dataset_storage(storage: Storage, root: str | None) -> Storage:
-    """The Storage of one ``train.data.datasets`` entry: the pipeline root, or another root with the same options."""
-    if root is None:
-        return storage
-    return Storage.from_config(storage.config.model_copy(update={"root": root}))
 
 
 def check_data(cfg: TrainConfig, storage: Storage, need_val: bool = False) -> dict[str, Any]:
@@ -233,10 +229,9 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.schedule = WarmupCosine.from_config(cfg.optim, tc.steps)
 
-        self._build_loader = build_loader
         self.loader = build_loader(cfg.data, storage, self.env.rank, self.env.world_size, split="train")
         self.checkpointer = Checkpointer(storage, cfg.run, cfg.checkpoint.keep_last, self.env)
-        self.metrics = MetricsLog(storage, f"{run_ref(cfg.run)}/metrics.jsonl", enabled=self.env.is_main)
+        self.metrics = MetricsLog(storage, metrics_ref(cfg.run), enabled=self.env.is_main)
 
     # -- checkpoint state ------------------------------------------------------------------------------
     def _meta(self, step: int, tokens: int) -> dict[str, Any]:
@@ -298,21 +293,21 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, n_batches: int) -> float:
-        """Mean CE over the first ``n_batches`` batches of every rank's val stream (same batches each time)."""
+        """Mean CE over the first ``n_batches`` global val batches (``batch_size`` rows per rank) of the
+        first dataset, in index order: the rows ``shardflow eval``'s perplexity reads
+        (:mod:`shardflow.train.validation`), whatever the number of ranks."""
         rng = capture_rng()
-        loader = self._build_loader(self.cfg.data, self.storage, self.env.rank, self.env.world_size, split="val", epochs=1)
+        st = dataset_storage(self.storage, self.cfg.data.datasets[0].root)
         self.model.eval()
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
-        it = iter(loader)
         try:
-            for _, batch in zip(range(n_batches), it):
-                batch = tokens_to(batch, self.device)
+            for rows in val_batches(st, self.index, self.cfg.data.batch_size, n_batches, self.env.rank, self.env.world_size):
+                batch = torch.from_numpy(rows.astype(np.int64)).to(self.device)
                 with self._autocast():
                     out = self.model(batch[:, :-1], batch[:, 1:], return_logits=False)
                 n = batch[:, 1:].numel()
                 total += torch.stack([out.loss.double() * n, torch.tensor(float(n), dtype=torch.float64, device=self.device)])
         finally:
-            it.close()
             self.model.train()
             restore_rng(rng)
         self.env.all_reduce_sum(total)

@@ -30,7 +30,6 @@ from shardflow.train.evaluate import (
     EvaluationError,
     ExpertStats,
     held_out_documents,
-    iter_val_batches,
     load_model,
     run_evaluation,
     split_settings,
@@ -228,16 +227,6 @@ def test_perplexity_equals_exp_of_mean_token_nll_on_the_same_batches(root_copy):
     assert res["val"]["tokens"] == count == 24 * SEQ_LEN
     assert res["val"]["loss"] == pytest.approx(total / count, rel=1e-5)
     assert res["val"]["ppl"] == pytest.approx(math.exp(total / count), rel=1e-5)
-
-
-def test_val_batches_follow_index_order_and_respect_the_bound(eval_root):
-    storage = Storage(eval_root)
-    index = read_index(storage)
-    batches = list(iter_val_batches(storage, index, 5, 3))
-    assert [b.shape for b in batches] == [(5, SEQ_LEN + 1)] * 3
-    shard = index["splits"]["val"]["shards"][0]
-    first = read_member_rows(storage, shard, shard["members"][0], 0, 5, index["seq_len"], index["dtype"])
-    assert np.array_equal(batches[0], first)
 
 
 # -- held-out documents and the split rule ------------------------------------------------------------
