@@ -6,7 +6,7 @@ dedup, depend on real document length and vocabulary distributions that generate
 Why a side file: MinHash quality is measured against known pairs at known edit rates, and the
 records themselves stay unlabelled so that no stage can cheat.
 
-It reuses the extraction code of ``shardflow.dataprep.demo_corpus`` (the demo corpus is a small,
+It reuses the extraction code of ``tools/demo_corpus/build.py`` (the demo corpus is a small,
 permissively licensed slice of the same sources) and adds more Debian documentation packages.
 
 Debian packages it reads (Debian 12 / bookworm, all in main)::
@@ -45,7 +45,9 @@ import sys
 import time
 from pathlib import Path
 
-from shardflow.dataprep.demo_corpus import (
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: tools/ is not installed
+
+from tools.demo_corpus.build import (  # noqa: E402
     DEFAULT_SKIP_CLASSES,
     DEMO_SOURCES,
     Doc,

@@ -50,11 +50,9 @@ def corpus_files(n: int, workdir: Path) -> list[str]:
     if files:
         return files
     # No bench corpus built: split the bundled demo corpus into n files.
-    import zstandard
+    from shardflow.dataprep.demo_corpus import read_demo_corpus
 
-    from shardflow.dataprep.demo_corpus import demo_corpus_path
-
-    lines = zstandard.ZstdDecompressor().stream_reader(open(demo_corpus_path(), "rb")).read().split(b"\n")
+    lines = read_demo_corpus().split(b"\n")
     out = []
     for i in range(n):
         p = workdir / f"demo-{i}.jsonl"

@@ -59,14 +59,13 @@ def stage_demo_inputs(workdir: Path, n_files: int = DEMO_INPUT_FILES) -> list[st
     """
     import zstandard
 
-    from shardflow.dataprep.demo_corpus import demo_corpus_path
+    from shardflow.dataprep.demo_corpus import demo_corpus_lines
 
     inputs = Storage(str(workdir / "input"))
     names = [f"demo-{i:05d}.jsonl.zst" for i in range(n_files)]
     if all(inputs.exists(n) for n in names):
         return [inputs.uri(n) for n in names]
-    raw = zstandard.ZstdDecompressor().decompressobj().decompress(demo_corpus_path().read_bytes())
-    lines = raw.splitlines(keepends=True)
+    lines = demo_corpus_lines()
     cctx = zstandard.ZstdCompressor(level=10)
     for i, name in enumerate(names):
         inputs.write_bytes(name, cctx.compress(b"".join(lines[i::n_files])))

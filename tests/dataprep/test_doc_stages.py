@@ -11,7 +11,7 @@ import pytest
 import zstandard
 
 from shardflow.dataprep.config import PrepConfig
-from shardflow.dataprep.demo_corpus import MALFORMED_KINDS, demo_corpus_path
+from shardflow.dataprep.demo_corpus import MALFORMED_KINDS, read_demo_corpus
 from shardflow.dataprep.doc_stages import CleanStage, FilterStage
 from shardflow.dataprep.stage import plan, run_stage
 from shardflow.storage import Storage
@@ -190,7 +190,7 @@ def test_corrupt_input_is_quarantined_and_shard_still_done(local_storage):
 def _demo_subset(storage: Storage) -> str:
     """Every planted malformed line and low-quality fragment of the demo corpus plus every 10th
     other line, as one input file (real data, a fraction of the filter time)."""
-    raw = zstandard.ZstdDecompressor().stream_reader(demo_corpus_path().read_bytes()).read()
+    raw = read_demo_corpus()
     lines = raw.split(b"\n")
     keep = [ln for i, ln in enumerate(lines) if ln and (i % 10 == 0 or b"malformed/" in ln or b'"low_quality"' in ln
                                                         or not ln.startswith(b'{"id"'))]

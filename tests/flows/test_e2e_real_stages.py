@@ -8,7 +8,6 @@ import os
 
 import pytest
 import yaml
-import zstandard
 
 from shardflow.flows.cli import main
 
@@ -19,9 +18,9 @@ pytestmark = pytest.mark.usefixtures("prefect_server")
 
 @pytest.fixture
 def real_config(tmp_path):
-    from shardflow.dataprep.demo_corpus import demo_corpus_path
+    from shardflow.dataprep.demo_corpus import read_demo_corpus
 
-    raw = zstandard.ZstdDecompressor().stream_reader(open(demo_corpus_path(), "rb")).read()
+    raw = read_demo_corpus()
     lines = raw.split(b"\n")[:450]
     for i in range(3):
         (tmp_path / f"part-{i}.jsonl").write_bytes(b"\n".join(lines[i::3]) + b"\n")

@@ -1,4 +1,7 @@
-"""The real-text demo corpus, and the extraction code that builds it from Debian documentation.
+"""Build the real-text demo corpus from Debian documentation (corpus tooling, not runtime).
+
+The runtime side -- where the shipped file is, reading it -- is ``shardflow.dataprep.demo_corpus``;
+this builder imports its paths and :data:`MALFORMED_KINDS` from there.
 
 Why Debian packages: the demo and the benchmarks need *real* prose (generated text makes MinHash,
 language ID and quality filters look better or worse than they are), the machines reach no web
@@ -15,11 +18,12 @@ indexes) and ten malformed lines of known kinds (:data:`MALFORMED_KINDS`).
 Why everything is ordered by hashes and no clock is read: the same installed package versions must
 give a byte-identical file, so that a rebuilt corpus diffs clean and test expectations hold.
 
-Rebuild the shipped file (after installing :data:`DEMO_PACKAGES`)::
+Rebuild the shipped file (after installing :data:`DEMO_PACKAGES`), from the repository root::
 
-    python -m shardflow.dataprep.demo_corpus build
+    python tools/demo_corpus/build.py build
 
-``bench/make_corpus.py`` imports this module to build the large benchmark corpus from more packages.
+``bench/make_corpus.py`` imports this module to build the large benchmark corpus from more packages;
+tests/tools/test_demo_corpus_build.py tests it.
 """
 from __future__ import annotations
 
@@ -38,9 +42,7 @@ from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
 
-DATA_DIR = Path(__file__).resolve().parent / "data"
-DEMO_CORPUS_PATH = DATA_DIR / "demo_corpus.jsonl.zst"
-PROVENANCE_PATH = DATA_DIR / "PROVENANCE.md"
+from shardflow.dataprep.demo_corpus import DEMO_CORPUS_PATH, MALFORMED_KINDS, demo_corpus_path
 
 DEFAULT_TARGET_MB = 5.0
 MIN_DOC_BYTES = 200
@@ -57,25 +59,6 @@ EXACT_DUP_FRACTION = 0.02
 NEAR_DUP_FRACTION = 0.02
 NEAR_DUP_RATES = (0.01, 0.02, 0.03, 0.04, 0.05)
 FOREIGN_DOCS_PER_SOURCE = 6
-
-MALFORMED_KINDS: dict[str, int] = {
-    "invalid_json": 2,
-    "json_array": 1,
-    "json_scalar": 1,
-    "invalid_utf8": 1,
-    "missing_text": 1,
-    "null_text": 1,
-    "empty_text": 1,
-    "numeric_text": 1,
-    "list_text": 1,
-}
-"""How many malformed lines of each kind the demo corpus carries (10 in all)."""
-
-
-def demo_corpus_path() -> Path:
-    """Path of the packaged demo corpus (``shardflow/dataprep/data/demo_corpus.jsonl.zst``)."""
-    return DEMO_CORPUS_PATH
-
 
 # --------------------------------------------------------------------------------------------
 # Sources and documents
@@ -1230,7 +1213,7 @@ def render_provenance(stats: BuildStats, target_mb: float) -> str:
     return f"""# Provenance of `demo_corpus.jsonl.zst`
 
 Real text from Debian 12 (bookworm) documentation packages, extracted by
-`shardflow/dataprep/demo_corpus.py` (HTML through the standard library's `html.parser`, the
+`tools/demo_corpus/build.py` (HTML through the standard library's `html.parser`, the
 Jargon File from its plain-text edition). Nothing in it is generated, except the deliberate
 edits of the planted near duplicates and the planted malformed lines described below.
 
@@ -1296,7 +1279,7 @@ sources are interleaved.
 ```
 apt-get update
 apt-get install -y --no-install-recommends {pkgs}
-python -m shardflow.dataprep.demo_corpus build --target-mb {target_mb:g}
+python tools/demo_corpus/build.py build --target-mb {target_mb:g}
 ```
 
 The output is byte-identical for the same package versions (and the same `zstandard`/libzstd
@@ -1309,7 +1292,7 @@ version); a different package version changes the text and so the file.
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m shardflow.dataprep.demo_corpus",
+    ap = argparse.ArgumentParser(prog="python tools/demo_corpus/build.py",
                                  description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="build the demo corpus from installed Debian packages")

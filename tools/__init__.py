@@ -1,0 +1,1 @@
+"""Tooling around shardflow that is not part of the runtime package (run from the repository root)."""

@@ -1,0 +1,1 @@
+"""The demo corpus builder (build.py); the runtime reader is shardflow.dataprep.demo_corpus."""
