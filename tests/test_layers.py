@@ -10,6 +10,7 @@ The layers (docs/architecture.md, "The house"):
 - ``dataprep`` and ``train`` are siblings: each imports only ``storage`` and itself;
 - ``flows`` may import every part;
 - none of ``storage``, ``dataprep``, ``train`` imports Prefect;
+- no part imports ``tools/``, ``bench/`` or ``tests/`` (not installed);
 - no module imports itself through a chain of other modules (a cycle).
 """
 from __future__ import annotations
@@ -100,6 +101,13 @@ def test_only_flows_import_prefect():
     modules, _, foreign = _graph()
     broken = [f"{_where(modules, name, line)}: imports {target}, but {_part(name)} must not import Prefect (only flows does)"
               for name, target, line in foreign if _part(name) in NO_PREFECT and target.split(".")[0] in ("prefect", "prefect_ray")]
+    assert not broken, "\n".join(broken)
+
+
+def test_no_part_imports_tooling_that_is_not_installed():
+    modules, _, foreign = _graph()
+    broken = [f"{_where(modules, name, line)}: imports {target}, which is not part of the installed package"
+              for name, target, line in foreign if target.split(".")[0] in ("tools", "bench", "tests")]
     assert not broken, "\n".join(broken)
 
 
