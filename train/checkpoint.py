@@ -50,6 +50,7 @@ from shardflow.storage.layout import run_ref
 from shardflow.storage.store import StorageError
 
 from .distributed import DistEnv
+from .expert_parallel import global_view, local_view
 from .model_config import model_config_digest
 
 FORMAT_VERSION = 1
@@ -305,8 +306,10 @@ class Checkpointer:
             self.storage.remove(ref, recursive=True)  # leftovers of an uncommitted attempt
         self.env.barrier()
         msd, osd = get_state_dict(model, optimizer)
+        # Expert-parallel slices as global DTensors: each expert is stored once at its global position.
+        tensors = {"model": global_view(msd, model), "optim": global_view(osd["state"], model, optimizer=True)}
         with _quiet_single_process():
-            dcp.save({"model": msd, "optim": osd["state"]}, storage_writer=_writer(self.storage, ref), no_dist=_no_dist())
+            dcp.save(tensors, storage_writer=_writer(self.storage, ref), no_dist=_no_dist())
         if rank_state is not None:
             self.storage.write_json(f"{ref}/rng-rank{self.env.rank}.json", rank_state)
         self.env.barrier()
@@ -393,13 +396,15 @@ def _load_state(storage: Storage, ckpt_ref: str, model: nn.Module, optimizer: to
 
     reader = _reader(storage, ckpt_ref)
     if optimizer is None:
-        msd = get_model_state_dict(model)
+        msd = global_view(get_model_state_dict(model), model)
         dcp.load({"model": msd}, storage_reader=reader, no_dist=_no_dist())
-        set_model_state_dict(model, msd, options=StateDictOptions(strict=True))
+        set_model_state_dict(model, local_view(msd), options=StateDictOptions(strict=True))
         return
     msd, osd = get_state_dict(model, optimizer)  # materializes empty optimizer state to load into
-    state = osd["state"]
+    # Expert slices are loaded through global views (any saved EP degree → this one), in place.
+    msd, state = global_view(msd, model), global_view(osd["state"], model, optimizer=True)
     dcp.load({"model": msd, "optim": state}, storage_reader=reader, no_dist=_no_dist())
+    msd, state = local_view(msd), local_view(state)
     groups = []
     for g in meta["optimizer_param_groups"]:
         g = dict(g)

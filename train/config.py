@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .model_config import ModelConfig
 
@@ -82,6 +82,8 @@ class TrainerConfig(_Section):
     steps: int = Field(200, ge=1, description="Optimizer steps of the run; the schedule is planned for this many.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches (of data.batch_size per rank) per optimizer step.")
     parallelism: Literal["ddp", "fsdp"] = Field("ddp", description="Under torchrun: DDP (replicated) or FSDP2 (sharded).")
+    expert_parallel: int = Field(1, ge=1, description="Ranks each expert stack is split over (EP groups of consecutive ranks, "
+                                 "all-to-all token dispatch); 1 = off. Must divide model.n_experts and the process count; needs ddp.")
     dtype: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on GPU, fp32 on CPU.")
     compile: bool = Field(False, description="torch.compile each transformer block.")
     activation_checkpointing: bool = Field(False, description="Recompute block activations in backward (memory for compute).")
@@ -103,6 +105,15 @@ class TrainConfig(_Section):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+    @model_validator(mode="after")
+    def _check_expert_parallel(self) -> TrainConfig:
+        ep = self.trainer.expert_parallel
+        if self.model.n_experts % ep:
+            raise ValueError(f"trainer.expert_parallel={ep} must divide model.n_experts={self.model.n_experts}")
+        if ep > 1 and self.trainer.parallelism != "ddp":
+            raise ValueError("trainer.expert_parallel > 1 needs trainer.parallelism: ddp (FSDP2 with EP is not supported yet)")
+        return self
 
 
 class EvalConfig(_Section):

@@ -116,14 +116,29 @@ def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
 
 
 def wrap_model(model: nn.Module, env: DistEnv, parallelism: Parallelism,
-               param_dtype: torch.dtype | None = None) -> nn.Module:
+               param_dtype: torch.dtype | None = None, expert_parallel: int = 1) -> nn.Module:
     """DDP (replicated weights, gradient all-reduce) or FSDP2 (``fully_shard`` per block, then root).
 
+    ``expert_parallel > 1`` first cuts every expert stack over a ``(dp, ep)`` mesh
+    (``train.expert_parallel``); DDP then replicates and reduces only the other parameters.
     In a world of one the model is returned as is. FSDP2 takes mixed precision through its own
     policy (bf16 all-gathers and compute, fp32 gradient reduction), so the trainer does not also
     autocast it. Blocks are sharded one by one so their parameters are gathered just in time and
     freed after use, which is where FSDP's memory saving comes from.
     """
+    if parallelism not in ("ddp", "fsdp"):
+        raise ValueError(f"parallelism must be 'ddp' or 'fsdp', got {parallelism!r}")
+    if expert_parallel > 1:
+        from .expert_parallel import build_mesh, check_degree, expert_modules, shard_experts
+
+        n_experts = next((m.n_experts for _, m in expert_modules(model)), 0)
+        check_degree(expert_parallel, env.world_size, n_experts)
+        if parallelism != "ddp":
+            raise ValueError("trainer.expert_parallel > 1 needs trainer.parallelism: ddp (FSDP2 with EP is not supported yet)")
+        state = shard_experts(model, build_mesh(env.device.type, env.world_size, expert_parallel), env.world_size)
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        DDP._set_params_and_buffers_to_ignore_for_model(model, state.expert_fqns)
     if not env.distributed:
         return model
     if parallelism == "ddp":
@@ -153,8 +168,12 @@ def wrap_model(model: nn.Module, env: DistEnv, parallelism: Parallelism,
 def set_grad_sync(model: nn.Module, enabled: bool):
     """Context manager that skips the gradient reduction on non-final micro-batches.
 
-    DDP: ``no_sync()``; FSDP2: ``set_requires_gradient_sync``; otherwise nothing.
+    DDP: ``no_sync()``; FSDP2: ``set_requires_gradient_sync``; otherwise nothing. Expert-parallel
+    expert gradients (reduced outside DDP) follow the same switch.
     """
+    ep = getattr(getattr(model, "module", model), "expert_parallel", None)
+    if ep is not None:
+        ep.sync = enabled
     if hasattr(model, "no_sync") and not enabled:
         return model.no_sync()
     if hasattr(model, "set_requires_gradient_sync"):

@@ -27,6 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import ep_dispatch
+from .ep_dispatch import EPGroup
+
 Dispatch = Literal["dropless", "capacity"]
 
 
@@ -168,6 +171,9 @@ class SwiGLUExperts(nn.Module):
         self.w1 = nn.Parameter(torch.empty(n_experts, hidden, dim))
         self.w3 = nn.Parameter(torch.empty(n_experts, hidden, dim))
         self.w2 = nn.Parameter(torch.empty(n_experts, dim, hidden))
+        # Set by ``train.expert_parallel.shard_experts``: then the stacks hold only this rank's
+        # ``n_experts / ep.size`` experts and tokens reach them through ``train.ep_dispatch``.
+        self.ep: EPGroup | None = None
 
     def forward_sorted(self, x: Tensor, counts: Tensor) -> Tensor:
         """Apply expert ``e`` to the ``counts[e]`` consecutive rows of ``x`` (rows sorted by expert)."""
@@ -325,6 +331,11 @@ class MoEBlock(nn.Module):
         # Stable sort: within an expert, pairs stay in token order (same priority as capacity mode).
         order = torch.argsort(r.experts.reshape(-1), stable=True)
         ex, dtype = self.experts, _compute_dtype(x)
+        if ex.ep is not None:  # expert parallel: rows travel to their experts' ranks and back
+            token = order // k
+            y_sorted = ep_dispatch.dropless(x.to(dtype).index_select(0, token), counts, ex.ep, ex.forward_sorted)
+            w_sorted = r.weights.reshape(-1).index_select(0, order).to(y_sorted.dtype)
+            return y_sorted.new_zeros(n_tokens, self.dim).index_add(0, token, y_sorted * w_sorted.unsqueeze(-1))
         if not torch.compiler.is_compiling() and (
             x.device.type == "cpu" or not _use_grouped_mm(x.device, dtype, self.dim, ex.hidden)
         ):
@@ -348,7 +359,11 @@ class MoEBlock(nn.Module):
         token = pair // k
         mask = valid.reshape(-1, 1)
         xb = (x.index_select(0, token) * mask).view(self.n_experts, cap, self.dim)
-        yb = self.experts.forward_padded(xb).reshape(-1, self.dim)
+        ex = self.experts
+        if ex.ep is None:
+            yb = ex.forward_padded(xb).reshape(-1, self.dim)
+        else:  # expert parallel: the static buffer travels in equal splits, no count exchange
+            yb = ep_dispatch.padded(xb.to(_compute_dtype(x)), ex.ep, ex.forward_padded).reshape(-1, self.dim)
         w = (r.weights.reshape(-1).index_select(0, pair) * mask.squeeze(1)).to(yb.dtype).unsqueeze(-1)
         y = yb.new_zeros(n_tokens, self.dim).index_add(0, token, yb * w)
         return y, (counts - cap).clamp(min=0).sum()

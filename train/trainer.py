@@ -41,6 +41,7 @@ from .checkpoint import Checkpointer, CheckpointError, capture_rng, restore_rng
 from .config import TrainConfig
 from .data import dataset_storage, tokens_to
 from .distributed import DistEnv, autocast_dtype, init_distributed, set_grad_sync, teardown, wrap_model
+from .expert_parallel import clip_grad_norm
 from .metrics import MetricsLog, Progress
 from .model import MoETransformer
 from .model_config import model_config_digest
@@ -183,7 +184,7 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, mic
         c = out.expert_counts.detach()
         counts = c if counts is None else counts + c
     max_norm = grad_clip if grad_clip > 0 else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    grad_norm = clip_grad_norm(model, max_norm)  # expert slices counted over their EP group
     if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor holding the global norm
         grad_norm = grad_norm.full_tensor()
     stats[:3] /= ga
@@ -223,7 +224,8 @@ class Trainer:
                 block.compile()
         self.compute_dtype = autocast_dtype(tc.dtype, self.device)
         fsdp = tc.parallelism == "fsdp" and self.env.distributed
-        self.model = wrap_model(model, self.env, tc.parallelism, param_dtype=self.compute_dtype if fsdp else None)
+        self.model = wrap_model(model, self.env, tc.parallelism, param_dtype=self.compute_dtype if fsdp else None,
+                                expert_parallel=tc.expert_parallel)
         # FSDP2 casts through its MixedPrecisionPolicy; everything else autocasts.
         self.autocast = self.compute_dtype if not fsdp else None
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
@@ -240,6 +242,7 @@ class Trainer:
             "model_config_digest": model_config_digest(self.model_config),
             "data": {k: self.index[k] for k in ("tokenizer_digest", "vocab_size", "seq_len", "eos_id")},
             "parallelism": self.cfg.trainer.parallelism,
+            "expert_parallel": self.cfg.trainer.expert_parallel,
             "loader": self.loader.state_dict(),
             "scheduler": dict(self.schedule.state_dict(), step=step),
             "tokens": tokens,
