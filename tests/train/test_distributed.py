@@ -8,11 +8,13 @@ import pytest
 import torch
 
 from shardflow.storage import Storage
-from shardflow.train.checkpoint import Checkpointer, read_meta
+from shardflow.storage.shards import read_index
+from shardflow.train.checkpoint import Checkpointer, load_model_weights, read_meta
 from shardflow.train.distributed import DistEnv, init_distributed, select_device, set_grad_sync, teardown, wrap_model
 from shardflow.train.metrics import read_metrics
 from shardflow.train.model import MoETransformer
 from shardflow.train.trainer import train
+from shardflow.train.validation import val_batches
 
 from .test_trainer import (
     assert_same_run,
@@ -78,7 +80,7 @@ def test_ddp_two_ranks_sigkill_then_resume_is_bitwise_identical(data_root: Stora
 
 
 def test_fsdp2_two_ranks_trains_like_ddp_and_reshards_to_one_process(data_root: Storage, ddp_reference: str, tmp_path):
-    cfg = tiny_cfg("fsdp", trainer={"grad_accum": 2, "parallelism": "fsdp"})
+    cfg = tiny_cfg("fsdp", trainer={"grad_accum": 2, "parallelism": "fsdp", "eval_every": 3, "eval_batches": 2})
     summary = finish(launch(cfg, data_root, 2, tmp_path, extra=["--max-steps", "6"]))
     assert summary["step"] == 6 and summary["world_size"] == 2
     fsdp, ddp = read_metrics(data_root, metrics_ref("fsdp")), read_metrics(data_root, metrics_ref(ddp_reference))[:6]
@@ -90,6 +92,18 @@ def test_fsdp2_two_ranks_trains_like_ddp_and_reshards_to_one_process(data_root: 
     ck = Checkpointer(data_root, "fsdp")
     assert {"__0_0.distcp", "__1_0.distcp"} <= set(os.listdir(data_root.resolve(ck.step_ref(6))[1]))
     assert read_meta(data_root, ck.step_ref(6))["parallelism"] == "fsdp"
+    # Validation under FSDP: both ranks ran the same forwards (no hang), and the 2-rank val loss is the
+    # one a single process computes on the same rows (2 batches x 4 rows x 2 ranks = 8-row batches x 2).
+    model = MoETransformer(cfg.model)
+    load_model_weights(model, data_root, cfg, ck.step_ref(6))
+    model.eval()
+    total = count = 0.0
+    with torch.no_grad():
+        for rows in val_batches(data_root, read_index(data_root), 8, 2):
+            t = torch.from_numpy(rows.astype("int64"))
+            total += float(model(t[:, :-1], t[:, 1:]).loss) * t[:, 1:].numel()
+            count += t[:, 1:].numel()
+    assert fsdp[5]["val_loss"] == pytest.approx(total / count, rel=1e-5)
 
     # The sharded checkpoint resumes in a single plain process (DCP reshards 2 -> 1).
     one = train(cfg, data_root, max_steps=8)
