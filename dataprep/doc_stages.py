@@ -13,7 +13,9 @@ import logging
 from collections import Counter
 
 from shardflow.storage import Storage, digest_json
+from shardflow.storage import layout
 from shardflow.storage.jsonl import JsonlWriter, iter_jsonl
+from shardflow.storage.layout import dropped_docs_ref, stage_docs_ref
 
 from .clean import Cleaner, clean_step
 from .config import PrepConfig
@@ -66,8 +68,8 @@ class CleanStage:
 
     def process(self, storage: Storage, spec: ShardSpec) -> ShardOutput:
         (uri,) = spec.inputs
-        docs_ref = f"stages/{self.name}/{spec.shard_id}.jsonl.zst"
-        quarantine_ref = f"quarantine/{self.name}/{spec.shard_id}.jsonl.zst"
+        docs_ref = stage_docs_ref(self.name, spec.shard_id)
+        quarantine_ref = layout.quarantine_ref(self.name, spec.shard_id)
         counters: Counter = Counter()
         with JsonlWriter(storage, quarantine_ref) as qw, JsonlWriter(storage, docs_ref) as dw:
             logged = 0
@@ -114,8 +116,8 @@ class FilterStage:
     def process(self, storage: Storage, spec: ShardSpec) -> ShardOutput:
         (ref,) = spec.inputs
         f = self.cfg.filter
-        docs_ref = f"stages/{self.name}/{spec.shard_id}.jsonl.zst"
-        dropped_ref = f"stages/{self.name}/_dropped/{spec.shard_id}.jsonl.zst"
+        docs_ref = stage_docs_ref(self.name, spec.shard_id)
+        dropped_ref = dropped_docs_ref(self.name, spec.shard_id)
         counters: Counter = Counter()
         outputs = {"docs": docs_ref}
         dropped_writer = JsonlWriter(storage, dropped_ref) if f.write_dropped else None

@@ -31,6 +31,7 @@ import xxhash
 from shardflow.storage import Storage, digest_json
 from shardflow.storage.doc_split import SPLIT_DOMAIN as _SPLIT_DOMAIN
 from shardflow.storage.doc_split import doc_split, val_threshold  # noqa: F401 - doc_split: the rule, re-exported for callers of this stage
+from shardflow.storage.layout import stage_dir
 from shardflow.storage.manifest import ShardState, classify, list_records, record_ref
 from shardflow.storage.shards import (
     INDEX_REF,
@@ -49,7 +50,7 @@ from .stage import ShardOutput, ShardSpec, upstream_shards
 from .tokenizer import GLOBAL_SHARD, iter_id_text, tokenizer_model_digest
 
 FORMAT_VERSION = 1
-STAGE_DIR = "stages/tokenize"
+STAGE_DIR = stage_dir("tokenize")
 _MAX_IN_FLIGHT = 2
 """Encode batches queued at once: enough to keep sentencepiece busy, bounded memory."""
 

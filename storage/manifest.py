@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .layout import stage_dir
 from .store import Storage, StorageError
 
 
@@ -57,7 +58,7 @@ class ShardState(str, enum.Enum):
 
 
 def manifest_dir(stage: str) -> str:
-    return f"stages/{stage}/_manifest"
+    return f"{stage_dir(stage)}/_manifest"
 
 
 def record_ref(stage: str, shard_id: str) -> str:
