@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from shardflow.dataprep.config import PrepConfig
 from shardflow.storage import Storage, StorageConfig, digest_json
+from shardflow.storage.config import OverrideError, apply_override, mask_secrets
 from shardflow.train.config import EvalConfig, TrainConfig
 
 
@@ -54,8 +55,10 @@ class PipelineConfig(BaseModel):
         return Storage.from_config(self.storage)
 
     def resolved(self) -> dict[str, Any]:
-        """The config as plain data; secrets appear masked, never in clear."""
-        return self.model_dump(mode="json")
+        """The config as plain data, as written to ``pipeline.yaml`` and digested: secrets appear masked,
+        never in clear (``storage.key``/``secret``, and any value under a key/secret/token/password-like
+        key in any section, ``storage.options`` included)."""
+        return mask_secrets(self.model_dump(mode="json"))
 
     def digest(self) -> str:
         return digest_json(self.resolved())
@@ -63,31 +66,6 @@ class PipelineConfig(BaseModel):
 
 class ConfigError(ValueError):
     """A config file or override is invalid; the message names the file and the key."""
-
-
-def _parse_value(raw: str) -> Any:
-    try:
-        return yaml.safe_load(raw)
-    except yaml.YAMLError:
-        return raw
-
-
-def apply_override(data: dict[str, Any], assignment: str, source: str = "--set") -> None:
-    if "=" not in assignment:
-        raise ConfigError(f"{source}: override {assignment!r} is not of the form section.key=value")
-    key, raw = assignment.split("=", 1)
-    parts = [p for p in key.strip().split(".") if p]
-    if not parts:
-        raise ConfigError(f"{source}: override {assignment!r} has an empty key")
-    node = data
-    for i, p in enumerate(parts[:-1]):
-        nxt = node.get(p)
-        if nxt is None:
-            nxt = node[p] = {}
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"{source}: {'.'.join(parts[: i + 1])} is not a section, cannot set {key}")
-        node = nxt
-    node[parts[-1]] = _parse_value(raw)
 
 
 def _format_errors(exc: ValidationError, source: str) -> str:
@@ -127,7 +105,10 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
         _anchor_paths(loaded, Path(path).resolve().parent)
         data = _deep_merge(data, loaded)
     for ov in overrides or []:
-        apply_override(data, ov, source=f"{source} (--set {ov})")
+        try:
+            apply_override(data, ov)
+        except OverrideError as exc:
+            raise ConfigError(f"{source} (--set {ov}): {exc}") from None
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as exc:

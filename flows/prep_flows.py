@@ -216,7 +216,7 @@ def _prep(selection: str | list[str], config: Any, config_path: str | None, over
     t0 = time.perf_counter()
     from shardflow.flows.config import write_resolved
 
-    with RootLock(storage, purpose=f"shardflow {flow_label}", wait_s=cfg.flows.lock_wait_s, ttl_s=cfg.flows.lock_ttl_s):
+    with RootLock(storage, purpose=f"shardflow {flow_label}", wait_s=cfg.flows.lock_wait_s, ttl_s=cfg.flows.lock_ttl_s) as lock:
         write_resolved(cfg, storage)
         if only and stages:
             known = {s.shard_id for s in stages[0].shards(storage)}
@@ -228,6 +228,7 @@ def _prep(selection: str | list[str], config: Any, config_path: str | None, over
                     shard_runner.describe())
         with shard_runner as task_runner:
             for stage in stages:
+                lock.ensure_held()  # a run whose lease was lost or taken over starts no further stage
                 summary = run_stage_tasks(stage, storage, cfg, task_runner, only, force, stage_factory, flow_label)
                 summaries.append(summary)
                 if summary["failed"]:

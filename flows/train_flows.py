@@ -32,6 +32,7 @@ from shardflow.flows.config import PipelineConfig
 from shardflow.flows.prep_flows import flow_outcome, resolve_config
 from shardflow.flows.runners import prefect_api
 from shardflow.storage.lock import RootLock
+from shardflow.train.launch import LAUNCHER_LOCK_ENV, credentials_env, die_with_parent, torchrun_command, write_launch_config
 
 
 class TrainingFailed(RuntimeError):
@@ -50,30 +51,23 @@ def resolve_nproc(nproc: int) -> int:
         return 1
 
 
-def torchrun_argv(config_json: str, nproc: int, extra_args: list[str] | None = None) -> list[str]:
-    from shardflow.train.__main__ import torchrun_command
-
-    if not extra_args:
-        return torchrun_command(config_json, nproc)
-    import sys
-
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *extra_args,
-            "-m", "shardflow.train", "--config-json", config_json]
-
-
 def launch_torchrun(cfg: PipelineConfig, nproc: int, logger=None, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run training under torchrun; returns rank 0's summary (its last stdout line)."""
-    from shardflow.train.__main__ import write_launch_config
+    """Run training under torchrun; returns rank 0's summary (its last stdout line).
 
+    The launch file holds no credential (they go to the ranks in the environment, see
+    ``shardflow.train.launch``), torchrun gets SIGTERM if this process dies (and its ranks die
+    with it), and the ranks are told that this process holds the root lock.
+    """
     config_json = write_launch_config(cfg.train, cfg.storage)
     tail: collections.deque[str] = collections.deque(maxlen=60)
-    argv = torchrun_argv(config_json, nproc, cfg.flows.torchrun_args)
+    argv = torchrun_command(config_json, nproc, torchrun_args=cfg.flows.torchrun_args)
     if logger is not None:
         logger.info("launching: %s", " ".join(argv))
     proc = None
     try:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                                env={**os.environ, **(env or {})})
+                                env={**os.environ, **credentials_env(cfg.storage), LAUNCHER_LOCK_ENV: "1", **(env or {})},
+                                preexec_fn=die_with_parent())
         assert proc.stdout is not None
         for line in proc.stdout:
             line = line.rstrip("\n")

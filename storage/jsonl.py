@@ -40,6 +40,9 @@ TOO_LONG_HEAD = 4096
 
 _READ_CHUNK = 1 << 20
 
+_ZSTD_STEP = 256
+"""Compressed bytes fed to zstd per call: bounds one call's output to 8 MiB (see ``_ZstdReader``)."""
+
 
 class CorruptInputError(RuntimeError):
     """A compressed stream ended early or is not in the format its name claims."""
@@ -71,38 +74,51 @@ def open_decompressed(storage: Storage, ref: str) -> Iterator[IO[bytes]]:
 
 
 class _ZstdReader(io.RawIOBase):
-    """Multi-frame zstd decompression that, unlike ``stream_reader``, notices a truncated frame."""
+    """Multi-frame zstd decompression that, unlike ``stream_reader``, notices a truncated frame, and
+    whose output per call is bounded whatever the input (a decompression bomb).
+
+    ``decompressobj().decompress`` has no output limit, so input is fed in slices of
+    :data:`_ZSTD_STEP` bytes: one zstd block of at most 128 KiB needs at least 4 bytes of input
+    (an RLE block), so one slice yields at most ``_ZSTD_STEP / 4 * 128 KiB`` (8 MiB), and the next
+    slice is fed only once that output has been consumed.
+    """
 
     def __init__(self, raw: IO[bytes]):
         self._raw = raw
         self._dctx = zstandard.ZstdDecompressor()
         self._obj = self._dctx.decompressobj()
-        self._pending = b""
+        self._pending = memoryview(b"")
+        self._input = memoryview(b"")
         self._in_frame = False
         self._eof = False
 
     def readable(self) -> bool:
         return True
 
-    def readinto(self, b) -> int:
-        while not self._pending and not self._eof:
+    def _feed(self) -> bytes:
+        """Decompress the next slice of input (reading more input when it runs out)."""
+        if not self._input:
             chunk = self._raw.read(_READ_CHUNK)
             if not chunk:
                 self._eof = True
                 if self._in_frame:
                     raise zstandard.ZstdError("stream ends inside a zstd frame (truncated file)")
-                break
-            out = []
-            while chunk:
-                self._in_frame = True
-                out.append(self._obj.decompress(chunk))
-                if self._obj.eof:
-                    self._in_frame = False
-                    chunk = self._obj.unused_data
-                    self._obj = self._dctx.decompressobj()
-                else:
-                    chunk = b""
-            self._pending = b"".join(out)
+                return b""
+            self._input = memoryview(chunk)
+        piece, self._input = self._input[:_ZSTD_STEP], self._input[_ZSTD_STEP:]
+        self._in_frame = True
+        out = self._obj.decompress(piece)
+        if self._obj.eof:  # a frame ended inside this slice: the rest starts the next frame
+            self._in_frame = False
+            rest = self._obj.unused_data
+            self._obj = self._dctx.decompressobj()
+            if rest:
+                self._input = memoryview(bytes(rest) + bytes(self._input))
+        return out
+
+    def readinto(self, b) -> int:
+        while not self._pending and not self._eof:
+            self._pending = memoryview(self._feed())
         n = min(len(b), len(self._pending))
         b[:n] = self._pending[:n]
         self._pending = self._pending[n:]

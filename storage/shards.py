@@ -41,6 +41,23 @@ TAR_BLOCK = 512
 TAR_RECORD = 20 * TAR_BLOCK
 """GNU/BSD tar and Python's tarfile pad archives to whole 10 KiB records; so do we, to be stock."""
 
+MAX_MEMBER_BYTES = 1 << 31
+"""Largest tar member a reader accepts (ours are ~1 MiB): a header claiming more is refused unread."""
+
+
+def member_size_problem(offset_data: int, size: int, shard_bytes: int) -> str | None:
+    """Why a tar member that claims ``size`` bytes at ``offset_data`` cannot be real, or None.
+
+    Checked on the header alone, before any of the member is read: a foreign tar whose header
+    claims terabytes must cost a refusal, not a read of that size.
+    """
+    if size < 0 or size > MAX_MEMBER_BYTES:
+        return f"claims {size} bytes, over the {MAX_MEMBER_BYTES}-byte limit for a member"
+    if offset_data + size > shard_bytes:
+        return f"claims {size} bytes at offset {offset_data}, past the end of the {shard_bytes}-byte shard"
+    return None
+
+
 _MEMBER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 _SHARD_NAME = re.compile(r"(?P<split>[a-z]+)-(?P<num>\d{6})\.tar")
 

@@ -7,22 +7,27 @@ Configuration, in either form (``--set`` overrides apply to both, dotted from th
     --config-json launch.json   {"train": {...}, "storage": {...}} written by a launcher
 
 Why two forms: a person runs the YAML they edit; an orchestrator (the Prefect training flow) has
-already resolved and validated its config and hands torchrun exactly that. A launch JSON may hold
-storage credentials in clear — write it with :func:`write_launch_config` (a fresh 0600 file in a
-private 0700 directory) and delete it afterwards, or better leave credentials out of the config
-and pass them the standard way (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / profiles),
-which torchrun passes on to every rank.
+already resolved and validated its config and hands torchrun exactly that. A launch JSON never holds
+credentials (:func:`write_launch_config` masks them): a launcher passes ``storage.key``/``secret``/
+``options`` in the ``SHARDFLOW_STORAGE_CREDENTIALS`` environment variable (:func:`credentials_env`),
+or the standard way (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY`` / profiles); torchrun passes
+the environment on to every rank (see ``train/launch.py``).
+
+Safety: under torchrun each rank dies with its parent (no orphans keep training after the launcher
+is killed); rank 0 takes the dataset root's lock unless its launcher holds it
+(``SHARDFLOW_ROOT_LOCK_HELD``), and the run's lease (``runs/<run>/_lease.json``, train/lease.py).
 
 Rank 0 prints the run summary as one JSON line (last line of stdout). Exit status: 0 done,
-1 training failed, 2 invalid configuration or data.
+1 training failed, 2 invalid configuration or data, 3 the root or the run is held by another run
+(or this run lost its lease).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,34 +35,22 @@ import yaml
 from pydantic import ValidationError
 
 from shardflow.storage import StorageConfig
+from shardflow.storage.config import MASK, OverrideError, apply_override
 
 from .config import TrainConfig
+from .launch import (  # noqa: F401 - re-exported: the launch API of this entry point
+    CREDENTIALS_ENV,
+    LAUNCHER_LOCK_ENV,
+    credentials_env,
+    exit_with_parent,
+    storage_with_credentials,
+    torchrun_command,
+    write_launch_config,
+)
 
 
 class ConfigError(ValueError):
     """Invalid training configuration; the message names the source and each bad dotted key."""
-
-
-def _apply_override(data: dict[str, Any], assignment: str) -> None:
-    if "=" not in assignment:
-        raise ConfigError(f"--set {assignment!r}: expected dotted.key=value")
-    key, raw = assignment.split("=", 1)
-    parts = [p for p in key.strip().split(".") if p]
-    if not parts:
-        raise ConfigError(f"--set {assignment!r}: empty key")
-    node = data
-    for i, p in enumerate(parts[:-1]):
-        nxt = node.setdefault(p, {})
-        if nxt is None:
-            nxt = node[p] = {}
-        if not isinstance(nxt, dict):
-            raise ConfigError(f"--set {assignment!r}: {'.'.join(parts[: i + 1])} is not a section")
-        node = nxt
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError:
-        value = raw
-    node[parts[-1]] = value
 
 
 def _errors(exc: ValidationError, source: str, section: str) -> str:
@@ -97,11 +90,23 @@ def load_train_config(path: str | os.PathLike[str] | None = None, overrides: lis
         root = (data.get("storage") or {}).get("root") if isinstance(data.get("storage"), dict) else None
         if path and isinstance(root, str) and "://" not in root and not os.path.isabs(root):
             data["storage"]["root"] = str((p.resolve().parent / root).resolve())
+    try:
+        if CREDENTIALS_ENV in os.environ or isinstance(data.get("storage"), dict):
+            data["storage"] = storage_with_credentials(data.get("storage") or {})
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    masked = [k for k in ("key", "secret") if (data.get("storage") or {}).get(k) == MASK]
+    if masked:
+        raise ConfigError(f"{source}: storage.{'/'.join(masked)} masked ({MASK}) and ${CREDENTIALS_ENV} does not carry "
+                          f"them: start the ranks through `shardflow train`, or pass the credentials in the environment")
     for ov in overrides or []:
         head = ov.split("=", 1)[0].strip().split(".", 1)[0]
         if head not in ("train", "storage"):
             raise ConfigError(f"--set {ov!r}: only train.* and storage.* keys can be set here")
-        _apply_override(data, ov)
+        try:
+            apply_override(data, ov)
+        except OverrideError as exc:
+            raise ConfigError(f"--set {ov!r}: {exc}") from None
     try:
         train_cfg = TrainConfig.model_validate(data.get("train") or {})
     except ValidationError as exc:
@@ -113,35 +118,6 @@ def load_train_config(path: str | os.PathLike[str] | None = None, overrides: lis
     return train_cfg, storage_cfg
 
 
-def write_launch_config(train: TrainConfig, storage: StorageConfig, directory: str | None = None) -> str:
-    """Write ``{"train", "storage"}`` for ``--config-json`` to a new 0600 file; returns its path.
-
-    Secrets are written in clear (the ranks need them): the file is created with ``O_EXCL`` and
-    mode 0600 inside a fresh 0700 directory (``directory`` or a new temp dir). The caller deletes
-    it when torchrun has exited.
-    """
-    d = directory or tempfile.mkdtemp(prefix="shardflow-train-")
-    os.makedirs(d, mode=0o700, exist_ok=True)
-    os.chmod(d, 0o700)
-    st = storage.model_dump(mode="json")
-    for k in ("key", "secret"):
-        v = getattr(storage, k)
-        st[k] = v.get_secret_value() if v is not None else None
-    path = os.path.join(d, "launch.json")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump({"train": train.model_dump(mode="json"), "storage": st}, f)
-    return path
-
-
-def torchrun_command(config_json: str, nproc_per_node: int, *, python: str | None = None,
-                     master_port: int | None = None, extra: list[str] | None = None) -> list[str]:
-    """argv of a single-node torchrun launch of this entry point (``--standalone`` picks a free port)."""
-    cmd = [python or sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc_per_node}"]
-    cmd += [f"--master_port={master_port}", "--master_addr=127.0.0.1"] if master_port else ["--standalone"]
-    return cmd + ["-m", "shardflow.train", "--config-json", config_json, *(extra or [])]
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m shardflow.train", description="Train (or resume) a shardflow MoE run.")
     ap.add_argument("--config", help="pipeline YAML (its train and storage sections are used)")
@@ -150,20 +126,30 @@ def main(argv: list[str] | None = None) -> int:
                     help="override, e.g. train.trainer.steps=100 or storage.root=s3://bucket/root (repeatable)")
     ap.add_argument("--max-steps", type=int, default=None, help="stop (with a checkpoint) at this step")
     args = ap.parse_args(argv)
+    exit_with_parent()  # under torchrun: never outlive the launcher (an orphan would keep publishing)
     try:
         train_cfg, storage_cfg = load_train_config(args.config, args.overrides, args.config_json)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
+    from shardflow.storage import Storage
+    from shardflow.storage.lock import LockHeld, LockUnsupported, RootLock
+
     from .checkpoint import CheckpointError
     from .trainer import TrainingDataError, train
 
+    storage = Storage.from_config(storage_cfg)
+    take_root = int(os.environ.get("RANK", "0")) == 0 and not os.environ.get(LAUNCHER_LOCK_ENV)
     try:
-        summary = train(train_cfg, storage_cfg, max_steps=args.max_steps)
-    except (TrainingDataError, CheckpointError) as exc:
+        with RootLock(storage, purpose=f"shardflow train {train_cfg.run}") if take_root else contextlib.nullcontext():
+            summary = train(train_cfg, storage, max_steps=args.max_steps)
+    except (TrainingDataError, CheckpointError, LockUnsupported) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except LockHeld as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary, sort_keys=True), flush=True)
     return 0

@@ -47,6 +47,7 @@ from torch.distributed.checkpoint.metadata import StorageMeta
 
 from shardflow.storage import Storage
 from shardflow.storage.layout import run_ref
+from shardflow.storage.lock import LockHeld, LockLost
 from shardflow.storage.store import StorageError
 
 from .distributed import DistEnv
@@ -265,6 +266,21 @@ class Checkpointer:
         self.keep_last = keep_last
         self.env = env or DistEnv()
         self.dir_ref = checkpoints_ref(run)
+        self.fence: Any = None  # set on every rank: raises on rank 0 once the run lease is lost (train/lease.py)
+
+    def _check_fence(self) -> None:
+        """Stop every rank together, before anything is written, if rank 0's run lease is lost."""
+        if self.fence is None:
+            return
+        error = None
+        if self.env.is_main:
+            try:
+                self.fence()
+            except LockHeld as exc:
+                error = str(exc)
+        error = self.env.broadcast_object(error)
+        if error:
+            raise LockLost(error)
 
     def step_ref(self, step: int) -> str:
         return f"{self.dir_ref}/{step_name(step)}"
@@ -302,6 +318,7 @@ class Checkpointer:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         ref = self.step_ref(step)
+        self._check_fence()
         if self.env.is_main:
             self.storage.remove(ref, recursive=True)  # leftovers of an uncommitted attempt
         self.env.barrier()
@@ -324,6 +341,8 @@ class Checkpointer:
         """Publish ``latest`` = step (atomically), then prune; rank 0 only does the writing."""
         if not self.env.is_main:
             return
+        if self.fence is not None:
+            self.fence()  # a trainer that lost its run lease never publishes a step
         self.storage.write_text(f"{self.dir_ref}/{LATEST}", step_name(step) + "\n")
         self.prune(step)
 

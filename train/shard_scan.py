@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from shardflow.storage import Storage
-from shardflow.storage.shards import SHARDS_DIR, make_index, validate_member_name
+from shardflow.storage.shards import SHARDS_DIR, make_index, member_size_problem, validate_member_name
 
 from .shard_reader import NO_DIGEST, _TOKEN_EXT, ShardDataError, _npy_header_length, _parse_npy_header
 
@@ -41,6 +41,7 @@ def _scan_tar(storage: Storage, ref: str) -> tuple[list[dict[str, Any]], int, np
     members: list[dict[str, Any]] = []
     seq_len, dtype = -1, None
     keys: set[str] = set()
+    shard_bytes = storage.size(ref)
     with storage.open_read(ref, block_size=1 << 16) as f:
         try:
             tf = tarfile.open(fileobj=f, mode="r:")
@@ -60,6 +61,9 @@ def _scan_tar(storage: Storage, ref: str) -> tuple[list[dict[str, Any]], int, np
                 raise ShardDataError(f"{uri}: {exc}") from None
             if not info.isreg():
                 raise ShardDataError(f"{where}: not a regular file (links, devices and directories are refused)")
+            problem = member_size_problem(info.offset_data, info.size, shard_bytes)
+            if problem:
+                raise ShardDataError(f"{where}: {problem}; refused before reading")
             key, _, ext = posixpath.basename(info.name).partition(".")
             if "/" in info.name or not key or not all(ch.isalnum() or ch in "_-" for ch in key):
                 raise ShardDataError(f"{where}: sample keys must be dot-free names of letters, digits, '_' and '-'")
@@ -85,7 +89,7 @@ def _scan_tar(storage: Storage, ref: str) -> tuple[list[dict[str, Any]], int, np
             elif (shape[1] - 1, dt) != (seq_len, dtype):
                 raise ShardDataError(f"{where}: {dt}{shape} differs from earlier members ({dtype}, seq_len {seq_len})")
             members.append({"key": key, "offset": info.offset_data, "size": info.size, "rows": shape[0], "npy_header": hlen})
-    return members, seq_len, dtype, storage.size(ref)
+    return members, seq_len, dtype, shard_bytes
 
 
 def build_index(

@@ -382,10 +382,14 @@ def train(cfg: TrainConfig, storage: Storage | StorageConfig, *, max_steps: int 
     """
     if isinstance(storage, StorageConfig):
         storage = Storage.from_config(storage)
+    from .lease import RunLease
+
     env = init_distributed(cfg.trainer.device)
     try:
-        with _deterministic(cfg.trainer.deterministic, env.device):
-            return Trainer(cfg, storage, env).fit(max_steps=max_steps)
+        with RunLease(storage, cfg.run, env) as lease, _deterministic(cfg.trainer.deterministic, env.device):
+            trainer = Trainer(cfg, storage, env)
+            trainer.checkpointer.fence = lease.fence  # one trainer per run; a lost lease publishes nothing
+            return trainer.fit(max_steps=max_steps)
     finally:
         teardown(env)
 

@@ -95,7 +95,9 @@ FAKE_RANKS = textwrap.dedent('''
     if os.environ.get("FAKE_FAIL"):
         print("RuntimeError: NCCL timeout", flush=True)
         sys.exit(3)
-    print(json.dumps({"run": cfg["train"]["run"], "step": 2, "secret_seen": cfg["storage"]["secret"], "path": path}))
+    creds = json.loads(os.environ["SHARDFLOW_STORAGE_CREDENTIALS"])
+    print(json.dumps({"run": cfg["train"]["run"], "step": 2, "secret_in_file": cfg["storage"]["secret"],
+                      "secret_seen": creds["secret"], "lock_held": os.environ.get("SHARDFLOW_ROOT_LOCK_HELD"), "path": path}))
 ''')
 
 
@@ -104,22 +106,26 @@ def test_torchrun_launch_config_file_summary_and_failure(tmp_path, monkeypatch):
 
     cfg = load_config(None, [f"storage.root={tmp_path}/root", "storage.key=AKIA_TEST", "storage.secret=s3cr3t", "train.run=tr"])
 
-    def fake_argv(config_json, nproc, extra_args=None):
+    def fake_command(config_json, nproc, **kw):
         return [sys.executable, "-c", FAKE_RANKS, config_json]
 
-    real_argv = train_flows.torchrun_argv
-    monkeypatch.setattr(train_flows, "torchrun_argv", fake_argv)
+    real_command = train_flows.torchrun_command
+    monkeypatch.setattr(train_flows, "torchrun_command", fake_command)
     summary = train_flows.launch_torchrun(cfg, 2)
     assert summary["run"] == "tr" and summary["step"] == 2 and summary["secret_seen"] == "s3cr3t"
-    assert not os.path.exists(os.path.dirname(summary["path"]))  # the credentials file is gone
+    assert summary["secret_in_file"] == "**********" and summary["lock_held"] == "1"  # the file holds no credential
+    assert not os.path.exists(os.path.dirname(summary["path"]))  # and is gone
     with pytest.raises(train_flows.TrainingFailed, match=r"status 3[\s\S]*NCCL timeout"):
         train_flows.launch_torchrun(cfg, 2, env={"FAKE_FAIL": "1"})
     # The real command: torchrun as a module of this interpreter, an argv list, single node by default.
-    argv = real_argv("/tmp/x/launch.json", 4)
+    argv = real_command("/tmp/x/launch.json", 4)
     assert argv[:3] == [sys.executable, "-m", "torch.distributed.run"] and "--nproc_per_node=4" in argv
     assert "--standalone" in argv and argv[-4:] == ["-m", "shardflow.train", "--config-json", "/tmp/x/launch.json"]
-    multi = real_argv("/tmp/x/launch.json", 8, ["--nnodes=2", "--rdzv-endpoint=head:29400"])
+    multi = real_command("/tmp/x/launch.json", 8, torchrun_args=["--nnodes=2", "--rdzv-endpoint=head:29400"])
     assert "--standalone" not in multi and "--nnodes=2" in multi
+    assert multi.index("--nnodes=2") < multi.index("shardflow.train")
+    fixed = real_command("/tmp/x/launch.json", 2, master_port=29555, extra=["--max-steps", "3"])
+    assert "--master_port=29555" in fixed and "--standalone" not in fixed and fixed[-2:] == ["--max-steps", "3"]
 
 
 def test_nproc_zero_means_every_visible_gpu(monkeypatch):

@@ -204,7 +204,8 @@ def test_stale_s3_locks_are_taken_over_and_live_ones_refused(s3_endpoint, s3_buc
     _plant_lock(s3_endpoint, s3_bucket, "root", pid=_dead_pid())
     with RootLock(storage, purpose="after-death"):
         assert b"after-death" in storage.read_bytes("_lock.json")
-    assert not storage.exists("_lock.json")
+    # Released by compare-and-swap into an expired marker (never an unconditional delete).
+    assert json.loads(storage.read_bytes("_lock.json"))["released"] is True
 
 
 @pytest.mark.slow

@@ -154,23 +154,26 @@ def test_sigkill_mid_upload_leaves_no_s3_object(tmp_path, s3_endpoint, s3_bucket
 
     cfg = s3_storage_config(s3_endpoint, s3_bucket)
     ctx = mp.get_context("spawn")
-    started = ctx.Event()
-    p = ctx.Process(target=_s3_writer, args=(cfg.model_dump(mode="json") | {"key": "testing", "secret": "testing"}, started))
+    started, uploading = ctx.Event(), ctx.Event()
+    p = ctx.Process(target=_s3_writer, args=(cfg.model_dump(mode="json") | {"key": "testing", "secret": "testing"}, started,
+                                             uploading))
     p.start()
     assert started.wait(60)
-    time.sleep(0.3)
+    assert uploading.wait(120)  # well into the write (12.5 MiB spooled), whatever the machine's speed
     os.kill(p.pid, signal.SIGKILL)
     p.join()
     st = Storage.from_config(cfg)
     assert not st.exists("big/final.bin")
 
 
-def _s3_writer(cfg_data, started):
+def _s3_writer(cfg_data, started, uploading):
     from shardflow.storage import StorageConfig
 
     st = Storage.from_config(StorageConfig(**cfg_data))
     with st.atomic_write("big/final.bin") as f:
-        for _ in range(10_000):
+        for i in range(10_000):
             f.write(os.urandom(1 << 16))
             started.set()
+            if i == 200:
+                uploading.set()
             time.sleep(0.01)

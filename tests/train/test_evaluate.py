@@ -5,7 +5,7 @@ from the real tokenize/pack stages, a checkpoint from the real trainer.
 """
 from __future__ import annotations
 
-import glob
+import itertools
 import json
 import math
 import os
@@ -36,9 +36,12 @@ from shardflow.train.evaluate import (
 )
 from shardflow.train.model import MoETransformer
 
+from ..real_text import demo_records, package_of
+
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
 RUN = "evalrun"
+DEMO_PACKAGES = {"jargon-text", "postgresql-doc-15", "python3.11-doc", "sqlite3-doc"}
 SEQ_LEN = 48
 VAL_FRACTION = 0.25
 SPLIT_SEED = 7
@@ -47,25 +50,20 @@ SPLIT_SEED = 7
 # -- the shared fixture: a dataset root with shards, tokenizer and a trained checkpoint ---------------
 
 def real_documents(max_docs: int = 700) -> list[dict]:
-    """Paragraph documents from two real sources on every Debian system: licence texts and copyrights."""
-    docs = []
-    for source, pattern, limit in (("licenses", "/usr/share/common-licenses/*", None), ("copyright", "/usr/share/doc/*/copyright", 400)):
-        files = sorted(p for p in glob.glob(pattern) if os.path.isfile(p))[:limit]
-        for path in files:
-            try:
-                text = open(path, encoding="utf-8").read()
-            except (UnicodeDecodeError, OSError):
-                continue
-            for i, para in enumerate(re.split(r"\n\s*\n", text)):
-                para = " ".join(para.split())
-                if len(para.split()) >= 25:
-                    docs.append({"id": f"{source}:{os.path.basename(os.path.dirname(path)) if source == 'copyright' else os.path.basename(path)}:{i}",
-                                 "text": para, "source": source, "meta": {}})
-    seen, out = set(), []
-    for d in docs:  # the corpus is deduplicated upstream: keep it so here too
-        if d["text"] not in seen:
-            seen.add(d["text"])
-            out.append(d)
+    """Paragraph documents of real text from the shipped demo corpus, dealt round-robin from its four
+    packages (their names are the documents' sources), deduplicated like the corpus upstream."""
+    by_package: dict[str, list[dict]] = {}
+    seen: set[str] = set()
+    for rec in demo_records():
+        package = package_of(rec)
+        for i, para in enumerate(re.split(r"\n\s*\n", rec["text"])):
+            para = " ".join(para.split())
+            if len(para.split()) >= 25 and para not in seen:
+                seen.add(para)
+                by_package.setdefault(package, []).append(
+                    {"id": f"{rec.get('id', package)}:{i}", "text": para, "source": package, "meta": {}})
+    lists = [by_package[p] for p in sorted(by_package)]
+    out = [d for group in itertools.zip_longest(*lists) for d in group if d is not None]
     return out[:max_docs]
 
 
@@ -172,7 +170,7 @@ def test_run_evaluation_writes_results_report_and_plots(root_copy):
     vocab = tcfg(storage).model.vocab_size
     assert 1.0 < res["val"]["ppl"] < vocab
     assert res["val"]["tokens"] == res["val"]["sequences"] * SEQ_LEN
-    assert set(res["per_source"]) == {"licenses", "copyright"}
+    assert set(res["per_source"]) == DEMO_PACKAGES
     assert all(m["tokens"] > 0 and 1.0 < m["ppl"] < vocab for m in res["per_source"].values())
     assert res["cloze"]["n"] == 24 and 0.0 <= res["cloze"]["acc"] <= 1.0 and res["cloze"]["mean_logprob"] < 0
     task = res["tasks"]["heldout_continuation"]
@@ -185,7 +183,7 @@ def test_run_evaluation_writes_results_report_and_plots(root_copy):
     assert all(0.0 <= e <= math.log(4) + 1e-9 for e in ex["router_entropy"])
     md = out["report_md"]
     for fragment in ("## Held-out perplexity", "## Downstream tasks", "## Expert statistics", "](loss.png)",
-                     "](lr.png)", "](expert_load.png)", "licenses", "heldout_continuation", "no previous evaluation"):
+                     "](lr.png)", "](expert_load.png)", "jargon-text", "heldout_continuation", "no previous evaluation"):
         assert fragment in md, fragment
     assert storage.read_text(f"{ev}/report.md") == md
     assert {"summary", "per_source", "tasks", "experts"} <= set(out["tables"])
@@ -480,5 +478,5 @@ def test_evaluation_on_an_s3_root(eval_root, s3_storage):
     assert res["checkpoint"]["uri"].startswith("s3://") and res["checkpoint"]["step"] == 8
     assert s3_storage.read_json(f"runs/{RUN}/eval/results.json")["metrics"] == res["metrics"]
     assert s3_storage.read_bytes(f"runs/{RUN}/eval/expert_load.png")[:4] == b"\x89PNG"
-    assert set(res["per_source"]) == {"licenses", "copyright"}
+    assert set(res["per_source"]) == DEMO_PACKAGES
     assert not s3_storage.exists(f"runs/{RUN}/eval/tasks/heldout_continuation.yaml")  # lm-eval reads local files only

@@ -1,6 +1,6 @@
 """The training loop on real shards: it learns, it resumes bit-exactly after SIGKILL, it refuses bad data.
 
-Shards are built from real text (/usr/share/common-licenses) with a sentencepiece model trained in
+Shards are built from real text (the shipped demo corpus) with a sentencepiece model trained in
 the test and written by ``storage.shards.ShardWriter``; batches come from the real streaming loader.
 Runs that must be comparable bit for bit are separate processes with one intra-op thread each.
 """
@@ -34,6 +34,8 @@ from shardflow.train.model import MoETransformer
 from shardflow.train.optim import WarmupCosine, build_optimizer, param_groups
 from shardflow.train.trainer import TrainingDataError, train
 
+from ..real_text import demo_texts
+
 VOCAB = 384
 SEQ = 32
 STEP_KEYS = ("loss", "aux_loss", "z_loss", "lr", "grad_norm", "tokens", "expert_tokens", "dropped_tokens")
@@ -42,11 +44,8 @@ STEP_KEYS = ("loss", "aux_loss", "z_loss", "lr", "grad_norm", "tokens", "expert_
 # -- fixtures shared with test_checkpoint.py and test_distributed.py ----------------------------------
 
 def real_texts() -> list[str]:
-    paths = [p for p in sorted(glob.glob("/usr/share/common-licenses/*")) if not os.path.islink(p)]
-    texts = [Path(p).read_text(encoding="utf-8", errors="replace") for p in paths]
-    if sum(map(len, texts)) < 100_000:
-        pytest.skip("needs the Debian license texts in /usr/share/common-licenses as a real corpus")
-    return texts
+    """~400 KB of whole documents of the shipped demo corpus (the same on every machine)."""
+    return demo_texts(400_000, every=7)
 
 
 def build_dataset(storage: Storage, vocab: int = VOCAB, seq_len: int = SEQ) -> dict[str, int]:
@@ -228,7 +227,9 @@ def test_training_learns_logs_and_checkpoints(data_root: Storage):
     tokens_per_step = cfg.data.batch_size * SEQ * 2
     assert [r["tokens"] for r in log] == [tokens_per_step * s for s in range(1, 31)]
     first, last = np.mean([r["loss"] for r in log[:5]]), np.mean([r["loss"] for r in log[-5:]])
-    assert first > math.log(VOCAB) - 0.3 and last < first - 0.4, (first, last)
+    # Starts near uniform (ln 384 = 5.95); 30 tiny steps on varied documentation text take off
+    # ~0.35 nats (measured 5.93 -> 5.58), far beyond step-to-step noise.
+    assert first > math.log(VOCAB) - 0.3 and last < first - 0.25, (first, last)
     for r in log:
         assert len(r["expert_tokens"]) == 2 and all(len(layer) == 4 for layer in r["expert_tokens"])
         # every token goes to top_k=2 experts in each of the 2 MoE layers, over 2 micro-batches
@@ -332,14 +333,25 @@ def test_cli_reads_train_and_storage_sections_of_a_pipeline_yaml(tmp_path):
         load_train_config(tmp_path / "p.yaml", ["prep.x=1"])
 
 
-def test_launch_json_is_private_and_round_trips_secrets(tmp_path):
+def test_launch_json_is_private_holds_no_secret_and_the_environment_carries_them(tmp_path, monkeypatch):
+    from shardflow.train.launch import CREDENTIALS_ENV, credentials_env
+
     cfg = tiny_cfg("r")
-    st = StorageConfig(root="s3://b/r", endpoint_url="http://127.0.0.1:1", key="AKIA", secret="s3cr3t")
+    st = StorageConfig(root="s3://b/r", endpoint_url="http://127.0.0.1:1", key="AKIA", secret="s3cr3t",
+                       options={"token": "t0k3n", "config_kwargs": {"retries": {"max_attempts": 3}}})
     path = write_launch_config(cfg, st, str(tmp_path / "d"))
     assert os.stat(path).st_mode & 0o777 == 0o600 and os.stat(tmp_path / "d").st_mode & 0o777 == 0o700
+    text = Path(path).read_text()
+    assert "AKIA" not in text and "s3cr3t" not in text and "t0k3n" not in text and "max_attempts" in text
+    with pytest.raises(ConfigError, match=CREDENTIALS_ENV):  # masked values are never used as credentials
+        load_train_config(json_path=path)
+    monkeypatch.setenv(CREDENTIALS_ENV, credentials_env(st)[CREDENTIALS_ENV])
     train_cfg, storage_cfg = load_train_config(json_path=path)
     assert train_cfg == cfg and storage_cfg.secret.get_secret_value() == "s3cr3t"
-    assert storage_cfg.key.get_secret_value() == "AKIA"
+    assert storage_cfg.key.get_secret_value() == "AKIA" and storage_cfg.fsspec_options("s3")["token"] == "t0k3n"
+    assert CREDENTIALS_ENV not in os.environ  # taken out: processes the rank starts do not inherit it
+    no_secrets = StorageConfig(root=str(tmp_path))
+    assert credentials_env(no_secrets) == {}
 
 
 def test_gpu_benchmark_runs_its_tiny_cpu_variant():
