@@ -39,7 +39,9 @@ DEMO_SETTINGS: dict[str, Any] = {
                   "top_k": 2, "expert_hidden": 256, "max_seq_len": 128},
         "data": {"batch_size": 16, "num_workers": 0},
         "optim": {"lr": 3e-3, "warmup_steps": 30},
-        "trainer": {"steps": 300, "log_every": 25, "eval_every": 100, "eval_batches": 10},
+        # eval_batches x batch_size = max_val_batches x eval batch_size (8): the trainer's val loss and
+        # the evaluation's perplexity read the same rows (train/validation.py), so they agree.
+        "trainer": {"steps": 300, "log_every": 25, "eval_every": 100, "eval_batches": 20},
         "checkpoint": {"every_steps": 100, "keep_last": 2},
     },
     "eval": {"max_val_batches": 40, "cloze_examples": 200},
