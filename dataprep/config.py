@@ -135,15 +135,21 @@ class FilterConfig(_Section):
 
 
 class DedupConfig(_Section):
+    """Exact and near-duplicate removal; docs/dedup.md explains every option with measured figures."""
+
     exact: bool = Field(True, description="Drop documents whose normalized text (lowercase, NFKC, no punctuation, collapsed whitespace) equals another's.")
-    near: bool = Field(True, description="Drop MinHash-LSH near duplicates (word n-gram shingles).")
+    near: bool = Field(True, description="Drop MinHash-LSH near duplicates (word n-gram shingles), each only in favour of a kept document it is itself verified similar to.")
     ngram: int = Field(5, ge=1, description="Words per shingle; shorter documents are one shingle.")
-    num_bands: int = Field(14, ge=1)
-    rows_per_band: int = Field(8, ge=1, description="Signature values per band: num_bands * rows_per_band permutations.")
+    num_bands: int = Field(28, ge=1, description="LSH bands: two documents are candidates when any band's hash is equal.")
+    rows_per_band: int = Field(4, ge=1, description="Signature values per band: num_bands * rows_per_band permutations.")
     seed: int = Field(1, ge=0)
-    jaccard_threshold: float | None = Field(None, gt=0, le=1, description="If set, candidate pairs are confirmed by exact Jaccard of shingles (needs a second read).")
-    num_buckets: int = Field(8, ge=1, description="Band buckets are hash-partitioned into this many files (the parallelism of the cluster phase).")
-    verify_all_pairs_up_to: int = Field(64, ge=2, description="With jaccard_threshold: LSH groups up to this size verify every pair; larger ones the star from one member plus the chain of neighbours.")
+    verify: Literal["signature", "exact", "off"] = Field(
+        "signature", description="How a candidate pair is confirmed: 'signature' = Jaccard estimated from the stored MinHash "
+        "signatures (no text re-read), 'exact' = exact shingle Jaccard (re-reads the candidates' text), 'off' = every LSH candidate counts.")
+    jaccard_threshold: float = Field(0.6, gt=0, le=1, description="A candidate pair is a near duplicate when its verified similarity is at least this.")
+    num_buckets: int = Field(8, ge=1, description="Band buckets are hash-partitioned into this many files (the parallelism of the bucket phase).")
+    verify_all_pairs_up_to: int = Field(64, ge=2, description="LSH groups up to this size verify every pair; larger ones pair each member with the group's first verify_window members by survivor rank and its verify_window neighbours in signature order.")
+    verify_window: int = Field(16, ge=1, description="Pairs per member in LSH groups larger than verify_all_pairs_up_to (see there).")
 
 
 class TokenizerConfig(_Section):

@@ -242,10 +242,31 @@ def iter_parquet(storage: Storage, ref: str, columns: list[str] | None = None, b
                 yield row, rec
 
 
-def write_parquet(storage: Storage, ref: str, records: list[dict]) -> None:
-    import pyarrow as pa
+def read_parquet_table(storage: Storage, ref: str, columns: list[str] | None = None):
+    """A whole Parquet file (or just ``columns``: a byte-range read per column chunk on object stores)."""
     import pyarrow.parquet as pq
 
-    table = pa.Table.from_pylist(records)
+    with storage.open_read(ref) as f:
+        return pq.read_table(f, columns=columns)
+
+
+def parquet_metadata(storage: Storage, ref: str) -> dict[bytes, bytes]:
+    """The key-value metadata of a Parquet file's schema (the footer only)."""
+    import pyarrow.parquet as pq
+
+    with storage.open_read(ref) as f:
+        return dict(pq.ParquetFile(f).schema_arrow.metadata or {})
+
+
+def write_parquet_table(storage: Storage, ref: str, table, compression: str = "zstd") -> None:
+    """Publish an Arrow table as Parquet atomically (never half-written under ``ref``)."""
+    import pyarrow.parquet as pq
+
     with storage.atomic_write(ref) as f:
-        pq.write_table(table, f)
+        pq.write_table(table, f, compression=compression)
+
+
+def write_parquet(storage: Storage, ref: str, records: list[dict]) -> None:
+    import pyarrow as pa
+
+    write_parquet_table(storage, ref, pa.Table.from_pylist(records), compression="snappy")

@@ -1,0 +1,356 @@
+"""Dedup phase 3, ``dedup_clusters``: from LSH groups to verified star clusters, drop lists
+(which are the audit) and a report.
+
+Steps, all over *candidate* documents only (members of some group of two or more), so memory
+is proportional to the candidates, never to the corpus:
+
+1. **Rank.** Every candidate gets a rank from ``(exact key, raw-text hash, id, shard, idx)``:
+   a function of content and id, so survivors do not depend on shard numbering, processing order
+   or the number of workers ("first seen" would).
+2. **Exact duplicates** (equal normalized text) collapse onto the lowest-ranked member of their
+   exact key, as before: identical shingle sets need no verification.
+3. **Candidate pairs** among those representatives from the band groups
+   (:func:`~shardflow.dataprep.dedup_graph.group_pairs`), each **verified** (``verify``):
+   ``signature`` estimates the shingle Jaccard from the stored MinHash signatures, ``exact``
+   re-reads the candidates' text and computes it exactly, ``off`` accepts every candidate. A
+   pair is an edge when its similarity is at least ``jaccard_threshold``.
+4. **Star clusters** over the verified edges in rank order
+   (:func:`~shardflow.dataprep.dedup_graph.star_clusters`): each removed document's survivor is
+   a kept document it is itself verified similar to — never a chain.
+5. **Drop lists**, one Parquet file per input shard (``dedup/drops/<shard>.parquet``): one row per
+   removed document with its index, id, kind (exact | near), survivor id and shard, verified
+   similarity and cluster id. They are the audit (``pyarrow.dataset.dataset("<root>/dedup/drops")``)
+   and what the ``dedup`` phase applies, so audit and drops cannot disagree.
+6. **Report** ``dedup/clusters_report.json``: cluster-size histogram, the largest clusters with
+   sample ids, similarity quantiles of near removals, and the largest connected component of the
+   candidate graph (what union-find would have merged).
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import xxhash
+
+from shardflow.storage import Storage, digest_json
+from shardflow.storage.jsonl import iter_lines, read_parquet_table, write_parquet_table
+
+from .config import DedupConfig, PrepConfig
+from .dedup_common import (BUCKET_DIR, BUCKETS, CLUSTERS, DROP_DIR, EXACT_COLUMN, FORMAT_VERSION, GLOBAL_SHARD,
+                           META_KEY, MINHASH_COLUMN, NORMALIZATION_VERSION, REPORT_REF, SIG_DIR, bucket_ids, bucket_ref,
+                           check_sig_params, concat, done_records, drop_ref, dumps, key_columns, shard_of_ref, sig_meta,
+                           signature_inputs)
+from .dedup_graph import connected_components, group_pairs, signature_similarity, star_clusters
+from .dedup_signatures import read_signatures
+from .minhash import MinHasher, jaccard
+from .stage import ShardOutput, ShardSpec
+
+_HISTOGRAM_CAP = 10
+_REPORT_LARGEST = 10
+_REPORT_MEMBERS = 20
+
+
+@dataclass
+class Groups:
+    """Candidate groups over compact node ids (node = one document: shard ordinal << 32 | idx)."""
+
+    nodes: np.ndarray       # sorted unique node codes (uint64)
+    members: np.ndarray     # node id of each member, groups contiguous
+    starts: np.ndarray      # first member of each group
+    sizes: np.ndarray       # members per group
+    exact: np.ndarray       # the group is an exact-key group
+
+
+@dataclass
+class Docs:
+    """What ranking, verification and the drop lists need of each candidate node."""
+
+    shard: np.ndarray       # shard ordinal
+    idx: np.ndarray         # document index within its shard
+    exact: np.ndarray       # exact key
+    text_hash: np.ndarray   # raw-text hash
+    ids: list[str]          # document id
+    sig: np.ndarray | None  # (nodes, permutations) MinHash signature, with near dedup
+
+
+@dataclass
+class Decision:
+    """The outcome for each candidate node."""
+
+    survivor: np.ndarray    # kept node it is removed in favour of (itself when kept)
+    dropped: np.ndarray     # bool
+    exact: np.ndarray       # dropped as an exact duplicate (a lower-ranked twin has its normalized text)
+    similarity: np.ndarray  # verified similarity to its survivor (1.0 for exact twins of a survivor)
+
+
+def load_groups(storage: Storage, bucket_refs: list[str], columns: list[str], ordinal: dict[str, int]) -> Groups:
+    colpos = {c: i for i, c in enumerate(columns)}
+    col_idx, keys, nodes = [], [], []
+    for ref in bucket_refs:
+        t = read_parquet_table(storage, ref)
+        cols = t.column("column").to_pylist()
+        shards = t.column("shard").to_pylist()
+        if not set(cols) <= colpos.keys() or not set(shards) <= ordinal.keys():
+            raise ValueError(f"{storage.uri(ref)} names key columns or shards this run does not have "
+                             f"(stale bucket file?): run dedup_buckets first")
+        col_idx.append(np.fromiter((colpos[c] for c in cols), dtype=np.int64, count=len(cols)))
+        keys.append(t.column("key").to_numpy())
+        nodes.append((np.fromiter((ordinal[x] for x in shards), dtype=np.uint64, count=len(shards)) << np.uint64(32))
+                     | t.column("idx").to_numpy().astype(np.uint64))
+    col_a, key_a, node_a = concat(col_idx, np.int64), concat(keys, np.uint64), concat(nodes, np.uint64)
+    order = np.lexsort((node_a, key_a, col_a))
+    col_a, key_a, node_a = col_a[order], key_a[order], node_a[order]
+    codes, members = np.unique(node_a, return_inverse=True)
+    new_group = np.ones(len(members), dtype=bool)
+    new_group[1:] = (col_a[1:] != col_a[:-1]) | (key_a[1:] != key_a[:-1])
+    starts = np.flatnonzero(new_group)
+    sizes = np.diff(np.append(starts, len(members)))
+    exact = col_a[starts] == colpos.get(EXACT_COLUMN, -1)
+    return Groups(codes, members.astype(np.int64).reshape(-1), starts, sizes, exact)
+
+
+def load_docs(storage: Storage, codes: np.ndarray, sig_refs: list[str], perms: int) -> Docs:
+    """Attributes of the nodes, read from their signature files (codes are sorted, so each shard's
+    nodes are one contiguous run; one signature file's columns are in memory at a time)."""
+    n = len(codes)
+    docs = Docs(shard=(codes >> np.uint64(32)).astype(np.int64), idx=(codes & np.uint64(0xFFFFFFFF)).astype(np.int64),
+                exact=np.zeros(n, np.uint64), text_hash=np.zeros(n, np.uint64), ids=[""] * n,
+                sig=np.zeros((n, perms), np.uint32) if perms else None)
+    bounds = np.searchsorted(docs.shard, np.arange(len(sig_refs) + 1))
+    columns = [EXACT_COLUMN, "text_hash", "id"] + ([MINHASH_COLUMN] if perms else [])
+    for o, ref in enumerate(sig_refs):
+        lo, hi = int(bounds[o]), int(bounds[o + 1])
+        if lo == hi:
+            continue
+        t = read_parquet_table(storage, ref, columns)
+        if int(docs.idx[hi - 1]) >= t.num_rows:
+            raise ValueError(f"{storage.uri(ref)} has {t.num_rows} rows, the bucket files refer to more (stale?)")
+        rows = pa.array(docs.idx[lo:hi])
+        docs.exact[lo:hi] = t.column(EXACT_COLUMN).take(rows).to_numpy()
+        docs.text_hash[lo:hi] = t.column("text_hash").take(rows).to_numpy()
+        docs.ids[lo:hi] = t.column("id").take(rows).to_pylist()
+        if perms:
+            docs.sig[lo:hi] = read_signatures(t.column(MINHASH_COLUMN).take(rows), perms)
+    return docs
+
+
+def ranks(docs: Docs) -> np.ndarray:
+    """Rank of each node by (exact key, raw-text hash, id, shard, idx); 0 = kept first."""
+    n = len(docs.idx)
+    id_rank = np.empty(n, dtype=np.int64)
+    id_rank[sorted(range(n), key=docs.ids.__getitem__)] = np.arange(n)
+    order = np.lexsort((docs.idx, docs.shard, id_rank, docs.text_hash, docs.exact))
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n)
+    return rank
+
+
+def exact_representatives(docs: Docs, rank: np.ndarray) -> np.ndarray:
+    """The lowest-ranked node with the same exact key, per node (rank sorts by exact key first)."""
+    order = np.argsort(rank)
+    ex = docs.exact[order]
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = ex[1:] != ex[:-1]
+    rep = np.empty(len(order), dtype=np.int64)
+    rep[order] = order[first][np.cumsum(first) - 1]
+    return rep
+
+
+def exact_similarity(storage: Storage, pairs: np.ndarray, docs: Docs, metas: list[dict[str, Any]],
+                     ngram: int) -> np.ndarray:
+    """Exact shingle Jaccard of each pair; re-reads only the documents at the ends of pairs, one
+    input shard at a time (their shingle sets are what stays in memory)."""
+    if not len(pairs):
+        return np.zeros(0, dtype=np.float64)
+    shingler = MinHasher(ngram=ngram, num_bands=0)
+    needed = np.unique(pairs)
+    sets: dict[int, np.ndarray] = {}
+    for o in np.unique(docs.shard[needed]).tolist():
+        here = needed[docs.shard[needed] == o]
+        want = dict(zip(docs.idx[here].tolist(), here.tolist()))
+        texts, which = [], []
+        for idx, (_, line) in enumerate(iter_lines(storage, metas[o]["docs_ref"])):
+            node = want.get(idx)
+            if node is not None:
+                texts.append(json.loads(line)["text"])
+                which.append(node)
+        if len(which) != len(want):
+            raise ValueError(f"{storage.uri(metas[o]['docs_ref'])} has fewer documents than its signatures (stale?)")
+        sets.update(zip(which, shingler.shingle_sets(texts)))
+    return np.fromiter((jaccard(sets[a], sets[b]) for a, b in pairs.tolist()), dtype=np.float64, count=len(pairs))
+
+
+def decide(groups: Groups, docs: Docs, d: DedupConfig, similarity, counters: Counter) -> tuple[Decision, np.ndarray]:
+    """Steps 1–4 of the module docstring. ``similarity(pairs) -> array`` verifies candidate pairs
+    of representatives. Returns the decision and the candidate pairs' connected-component labels."""
+    n = len(groups.nodes)
+    rank = ranks(docs)
+    rep = exact_representatives(docs, rank)
+    near = ~groups.exact
+    pairs = group_pairs(groups.starts[near], groups.sizes[near], rep[groups.members], rank, docs.sig,
+                        d.verify_all_pairs_up_to, d.verify_window)
+    sims = similarity(pairs) if len(pairs) else np.zeros(0)
+    ok = np.ones(len(pairs), dtype=bool) if d.verify == "off" else sims >= d.jaccard_threshold
+    counters.update({"pairs.candidate": len(pairs), "pairs.verified": int(ok.sum()), "pairs.rejected": int((~ok).sum())})
+    edges = pairs[ok]
+    centre, edge = star_clusters(n, rank, edges[:, 0], edges[:, 1])
+    esim = sims[ok]
+    survivor = centre[rep]
+    nodes = np.arange(n)
+    is_twin = rep != nodes
+    rep_sim = np.where(edge >= 0, esim[np.maximum(edge, 0)] if len(esim) else 1.0, 1.0)
+    decision = Decision(survivor=survivor, dropped=survivor != nodes, exact=is_twin,
+                        similarity=rep_sim[rep])
+    twin_edges = np.stack([nodes[is_twin], rep[is_twin]], axis=1)
+    labels = connected_components(n, *np.concatenate([pairs, twin_edges]).T)
+    return decision, labels
+
+
+class DedupClustersStage:
+    """One global shard: verified star clusters, per-shard drop lists (the audit), a report.
+
+    Outputs: ``drops.<shard>`` = ``dedup/drops/<shard>.parquet`` for every signature shard (empty
+    ones included: the ``dedup`` phase depends on its digest) and ``report`` =
+    ``dedup/clusters_report.json``.
+    """
+
+    name = CLUSTERS
+
+    def __init__(self, cfg: PrepConfig):
+        self.cfg = cfg
+        self.columns = key_columns(cfg.dedup)
+
+    def shards(self, storage: Storage) -> list[ShardSpec]:
+        inputs = signature_inputs(storage)
+        ids = bucket_ids(self.cfg.dedup)
+        records = done_records(storage, BUCKETS, ids)
+        for b in ids:
+            rec = records.get(b)
+            out = rec.outputs.get("groups") if rec is not None else None
+            inputs[out.ref if out else bucket_ref(b)] = out.digest if out else ""
+        return [ShardSpec(GLOBAL_SHARD, inputs)]
+
+    def config_digest(self) -> str:
+        d = self.cfg.dedup
+        verify = None
+        if d.near:
+            verify = {"mode": d.verify, "threshold": d.jaccard_threshold if d.verify != "off" else None,
+                      "ngram": d.ngram, "all_pairs_up_to": d.verify_all_pairs_up_to, "window": d.verify_window}
+        return digest_json({"stage": self.name, "version": FORMAT_VERSION, "normalization": NORMALIZATION_VERSION,
+                            "columns": self.columns, "verify": verify})
+
+    def process(self, storage: Storage, spec: ShardSpec) -> ShardOutput:
+        d = self.cfg.dedup
+        bucket_refs = sorted((r for r in spec.inputs if r.startswith(BUCKET_DIR + "/")), key=shard_of_ref)
+        missing = [shard_of_ref(r) for r in bucket_refs if not spec.inputs[r]]
+        if missing:
+            raise RuntimeError(f"dedup_buckets shard(s) {missing} are not done: run dedup_buckets first")
+        sig_refs = sorted((r for r in spec.inputs if r.startswith(SIG_DIR + "/")), key=shard_of_ref)
+        shards = [shard_of_ref(r) for r in sig_refs]
+        metas = [sig_meta(storage, r) for r in sig_refs]
+        for ref, meta in zip(sig_refs, metas):
+            check_sig_params(storage, ref, meta, d)
+        counters: Counter = Counter()
+
+        groups = load_groups(storage, bucket_refs, self.columns, {s: i for i, s in enumerate(shards)})
+        perms = d.num_bands * d.rows_per_band if d.near else 0
+        docs = load_docs(storage, groups.nodes, sig_refs, perms)
+        if d.verify == "exact":
+            similarity = lambda p: exact_similarity(storage, p, docs, metas, d.ngram)  # noqa: E731
+        else:
+            similarity = lambda p: signature_similarity(p, docs.sig)  # noqa: E731
+        decision, components = decide(groups, docs, d, similarity, counters)
+
+        outputs: dict[str, str] = {}
+        per_shard = write_drop_lists(storage, shards, metas, docs, decision)
+        outputs.update({f"drops.{s}": drop_ref(s) for s in shards})
+        report = build_report(self.columns, d, metas, docs, decision, components, counters, per_shard)
+        storage.write_bytes(REPORT_REF, (json.dumps(report, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode())
+        outputs["report"] = REPORT_REF
+        return ShardOutput(outputs=outputs, counts=dict(counters))
+
+
+def cluster_id(docs: Docs, node: int) -> str:
+    """Stable across shard numbering: a hash of the survivor's content key and id."""
+    key = f"{docs.exact[node]}:{docs.text_hash[node]}:{docs.ids[node]}".encode("utf-8", "surrogatepass")
+    return f"{xxhash.xxh3_64_intdigest(key):016x}"
+
+
+DROP_SCHEMA = pa.schema([("idx", pa.uint32()), ("id", pa.string()), ("kind", pa.string()), ("survivor", pa.string()),
+                         ("survivor_shard", pa.string()), ("similarity", pa.float32()), ("cluster", pa.string())])
+
+
+def write_drop_lists(storage: Storage, shards: list[str], metas: list[dict[str, Any]], docs: Docs,
+                     decision: Decision) -> dict[str, int]:
+    """One Parquet file per shard, rows sorted by index (see the module docstring, step 5)."""
+    drop_nodes = np.flatnonzero(decision.dropped)          # node codes are sorted: by shard, then idx
+    bounds = np.searchsorted(docs.shard[drop_nodes], np.arange(len(shards) + 1))
+    cluster_ids = {s: cluster_id(docs, s) for s in set(decision.survivor[drop_nodes].tolist())}
+    per_shard = {}
+    for o, shard in enumerate(shards):
+        sel = drop_nodes[bounds[o]:bounds[o + 1]]
+        surv = decision.survivor[sel].tolist()
+        meta = metas[o]
+        table = pa.table({
+            "idx": pa.array(docs.idx[sel].astype(np.uint32)),
+            "id": pa.array([docs.ids[i] for i in sel.tolist()], type=pa.string()),
+            "kind": pa.array(np.where(decision.exact[sel], "exact", "near").tolist(), type=pa.string()),
+            "survivor": pa.array([docs.ids[x] for x in surv], type=pa.string()),
+            "survivor_shard": pa.array([shards[docs.shard[x]] for x in surv], type=pa.string()),
+            "similarity": pa.array(decision.similarity[sel].astype(np.float32)),
+            "cluster": pa.array([cluster_ids[x] for x in surv], type=pa.string()),
+        }, schema=DROP_SCHEMA)
+        info = {"format": FORMAT_VERSION, "shard": shard,
+                "docs": {"ref": meta["docs_ref"], "digest": meta["docs_digest"], "count": meta["docs"]}}
+        write_parquet_table(storage, drop_ref(shard), table.replace_schema_metadata({META_KEY: dumps(info)}))
+        per_shard[shard] = len(sel)
+    return per_shard
+
+
+def build_report(columns: list[str], d: DedupConfig, metas: list[dict[str, Any]], docs: Docs, decision: Decision,
+                 components: np.ndarray, counters: Counter, per_shard: dict[str, int]) -> dict[str, Any]:
+    """Cluster-size histogram, largest clusters, similarity quantiles; totals also into ``counters``."""
+    n = len(decision.survivor)
+    size = np.bincount(decision.survivor, minlength=n)
+    centres = np.flatnonzero(size > 1)
+    sizes = size[centres]
+    hist = Counter(sizes.tolist())
+    n_docs = sum(m["docs"] for m in metas)
+    n_exact = int((decision.dropped & decision.exact).sum())
+    n_drop = int(decision.dropped.sum())
+    comp = np.bincount(components, minlength=n) if n else np.zeros(0, dtype=np.int64)
+    counters.update({
+        "docs_in": n_docs, "clusters": len(sizes), "docs_in_clusters": int(sizes.sum()),
+        "dropped": n_drop, "dropped.exact": n_exact, "dropped.near": n_drop - n_exact,
+        "largest_cluster": int(sizes.max()) if len(sizes) else 0,
+        "largest_candidate_component": int(comp.max()) if len(comp) else 0,
+    })
+    for s, count in hist.items():
+        counters[f"cluster_size.{s}" if s < _HISTOGRAM_CAP else f"cluster_size.{_HISTOGRAM_CAP}_plus"] += count
+    near_sims = decision.similarity[decision.dropped & ~decision.exact]
+    top = sorted(centres.tolist(), key=lambda c: (-int(size[c]), docs.ids[c]))[:_REPORT_LARGEST]
+    members_of = {c: [] for c in top}
+    for x in np.flatnonzero(np.isin(decision.survivor, top)).tolist():
+        members_of[int(decision.survivor[x])].append(docs.ids[x])
+    return {
+        "format": FORMAT_VERSION, "columns": columns,
+        "verify": d.verify if d.near else None, "jaccard_threshold": d.jaccard_threshold if d.near else None,
+        "shards": len(metas), "docs": n_docs, "kept": n_docs - n_drop,
+        "clusters": len(sizes), "docs_in_clusters": int(sizes.sum()),
+        "dropped": {"total": n_drop, "exact": n_exact, "near": n_drop - n_exact},
+        "cluster_sizes": {str(k): v for k, v in sorted(hist.items())},
+        "largest_candidate_component": int(comp.max()) if len(comp) else 0,
+        "near_similarity": ({q: round(float(np.quantile(near_sims, p)), 4)
+                             for q, p in (("min", 0.0), ("p01", 0.01), ("p10", 0.1), ("median", 0.5))}
+                            if len(near_sims) else {}),
+        "pairs": {k.split(".", 1)[1]: v for k, v in sorted(counters.items()) if k.startswith("pairs.")},
+        "dropped_per_shard": per_shard,
+        "largest_clusters": [
+            {"size": int(size[c]), "survivor": docs.ids[c], "cluster": cluster_id(docs, c),
+             "members": sorted(members_of[c])[:_REPORT_MEMBERS]}
+            for c in top],
+    }
