@@ -1,110 +1,82 @@
-"""MinHash LSH quality and signature throughput on a real corpus.
+"""Near-duplicate removal quality on a real corpus with templated families (issue 13).
 
-Quality: near duplicates are planted into real documents at word edit rates of 1, 3, 5 and 10 %
-(substitutions with corpus words, insertions and deletions, in equal parts); recall is the share of
-(original, copy) pairs that become LSH candidates (share at least one band hash), next to what
-theory predicts from each pair's true shingle Jaccard (``1 - (1 - J^r)^b``). False positives are
-measured on at least 10,000 sampled pairs of *different* corpus documents whose true Jaccard is
-below 0.5: at random, and — harder — within the same source package (shared boilerplate).
-Each LSH layout given by ``--layouts`` is measured on the same pairs.
+What it does, all in one run on the same documents:
 
-Throughput: :class:`shardflow.dataprep.minhash.MinHasher` (batch-vectorized) against two per-doc
-baselines timed in the same run on the same documents: a per-document Python pipeline that
-hashes each shingle string with xxhash and permutes with numpy per document (the shape of
-datatrove's and datasketch's MinHash), and a pure-Python one (no numpy) on a subset.
+1. Reads a corpus (``bench/dedup_corpus.py`` builds one from this machine's man pages — thousands
+   of generated ``gcloud`` CLI pages among them — their translations, HTML beside its Markdown
+   source, reStructuredText docs, and one 20 MB document).
+2. Plants near duplicates: ``--pairs`` documents per edit rate (1, 3, 5, 10 % of words
+   substituted with corpus words, inserted or deleted, in equal parts), each copy added to the
+   corpus; the documents are dealt into ``--shards`` filter shards.
+3. Runs the four dedup phases for each configuration in a fresh subprocess (so wall time and peak
+   RSS are its own): ``previous`` is the algorithm before issue 13 (union-find over unverified
+   14 × 8 LSH candidates), loaded from git (``--previous-rev``); the others are today's code
+   with ``--set``-style overrides; ``default`` is the shipped config. Variants that differ from
+   the default only in verification reuse its signature and bucket phases (their time is the
+   cluster and filter phases only).
+4. Measures from the drop lists:
+   - *recall*: share of planted (original, copy) pairs that end in the same cluster (same
+     survivor), per edit rate;
+   - *precision*: share of near-duplicate removals whose true word-5-gram Jaccard (the
+     project's normalized words) to their survivor is below 0.5 — over all of them, or a sample
+     of ``--precision-sample`` when there are more — and the same among removals of documents
+     that were not planted;
+   - the largest cluster (documents removed in favour of one survivor, plus it);
+   - wall time of the phases and peak RSS, with ratios to ``previous``.
 
 Usage::
 
-    python bench/minhash_quality.py --corpus bench/_data/corpus --pairs 2000
-    python bench/minhash_quality.py --corpus a.jsonl.zst b.jsonl --pairs 500 --layouts 14x8,28x4,20x5
+    python bench/dedup_corpus.py
+    python bench/minhash_quality.py --corpus bench/_data/dedup_corpus.jsonl.zst --pairs 300 \\
+        --configs "previous;default;verify=exact,jaccard_threshold=0.5;jaccard_threshold=0.5"
 
-The corpus: JSONL files (plain/.gz/.zst) with a ``text`` field, or a directory of them (for the
-benchmark corpus, ``bench/make_corpus.py``; its ``planted.jsonl`` is read so that pre-planted
-copies and their originals are left out of sampling).
+``--throughput-docs N`` adds the signature throughput comparison against per-document baselines.
 """
 from __future__ import annotations
 
 import argparse
-import glob
-import gzip
+import importlib.util
 import io
 import json
 import os
 import random
-import re
+import resource
+import shutil
+import subprocess
 import sys
 import time
 import unicodedata
+import re
 
 import numpy as np
 import xxhash
 import zstandard
 
-from shardflow.dataprep.config import DedupConfig
-from shardflow.dataprep.minhash import MinHasher, candidate_probability, jaccard
+from shardflow.dataprep.minhash import MinHasher, jaccard
 
 RATES = (0.01, 0.03, 0.05, 0.10)
 NON_DUP_J = 0.5
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
 
 
-# -- corpus ---------------------------------------------------------------------------------------------
+# -- corpus and planting --------------------------------------------------------------------------------
 
-def corpus_files(spec: list[str]) -> list[str]:
-    files: list[str] = []
-    for s in spec:
-        if os.path.isdir(s):
-            files += sorted(glob.glob(os.path.join(s, "*.jsonl*")))
-        else:
-            files.append(s)
-    files = [f for f in files if not f.endswith("planted.jsonl")]
-    if not files:
-        raise SystemExit(f"no JSONL files in {spec}: build the corpus with bench/make_corpus.py or pass files")
-    return files
-
-
-def excluded_ids(spec: list[str]) -> set[str]:
-    out: set[str] = set()
-    for s in spec:
-        p = os.path.join(s, "planted.jsonl") if os.path.isdir(s) else None
-        if p and os.path.exists(p):
-            for line in open(p, encoding="utf-8"):
-                rec = json.loads(line)
-                out.update((rec["original_id"], rec["dup_id"]))
-    return out
-
-
-def read_docs(files: list[str], limit: int, exclude: set[str], min_words: int) -> list[dict]:
+def read_corpus(path: str) -> list[dict]:
     docs = []
-    for path in files:
-        with open(path, "rb") as raw:
-            if path.endswith(".zst"):
-                stream = io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(raw), encoding="utf-8")
-            elif path.endswith(".gz"):
-                stream = io.TextIOWrapper(gzip.GzipFile(fileobj=raw), encoding="utf-8")
-            else:
-                stream = io.TextIOWrapper(raw, encoding="utf-8")
-            for line in stream:
-                try:
-                    obj = json.loads(line)
-                except ValueError:
-                    continue
-                text = obj.get("text") if isinstance(obj, dict) else None
-                doc_id = str(obj.get("id", f"{path}:{len(docs)}")) if isinstance(obj, dict) else ""
-                if not isinstance(text, str) or doc_id in exclude or "~near" in doc_id or "~dup" in doc_id:
-                    continue
-                if len(text.split()) < min_words:
-                    continue
-                docs.append({"id": doc_id, "text": text, "source": str(obj.get("source", ""))})
-                if len(docs) >= limit:
-                    return docs
+    with open(path, "rb") as raw:
+        stream = io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(raw), encoding="utf-8") \
+            if path.endswith(".zst") else open(path, encoding="utf-8")
+        for line in stream:
+            obj = json.loads(line)
+            docs.append({"id": str(obj["id"]), "text": obj["text"], "source": obj.get("source", ""), "meta": {}})
     return docs
 
 
-def plant(text: str, rate: float, vocab: list[str], rng: random.Random) -> tuple[str, float]:
+def plant(text: str, rate: float, vocab: list[str], rng: random.Random) -> str:
     """A copy with ``rate`` of its words edited (substituted, inserted or deleted)."""
     words = text.split()
-    n = max(1, round(rate * len(words)))
-    for _ in range(n):
+    for _ in range(max(1, round(rate * len(words)))):
         op = rng.randrange(3)
         i = rng.randrange(len(words))
         if op == 0:
@@ -113,94 +85,150 @@ def plant(text: str, rate: float, vocab: list[str], rng: random.Random) -> tuple
             words.insert(i, rng.choice(vocab))
         elif len(words) > 1:
             del words[i]
-    return " ".join(words), n / max(1, len(text.split()))
+    return " ".join(words)
 
 
-# -- quality --------------------------------------------------------------------------------------------
+def planted_corpus(docs: list[dict], pairs: int, seed: int) -> tuple[list[dict], list[tuple[str, str, float]]]:
+    rng = random.Random(seed)
+    pool = [d for d in docs if 50 <= len(d["text"].split()) <= 20000]
+    vocab = sorted({w for d in rng.sample(pool, min(500, len(pool))) for w in d["text"].split()})
+    chosen = rng.sample(pool, min(len(pool), pairs * len(RATES)))
+    added, truth = [], []
+    for k, d in enumerate(chosen):
+        rate = RATES[k % len(RATES)]
+        copy_id = f"planted:{rate:.2f}:{k}"
+        added.append({"id": copy_id, "text": plant(d["text"], rate, vocab, rng), "source": "planted", "meta": {}})
+        truth.append((d["id"], copy_id, rate))
+    return docs + added, truth
 
-def candidates(bands_a: np.ndarray, bands_b: np.ndarray) -> np.ndarray:
-    return (bands_a == bands_b).any(axis=1)
+
+def write_shards(root: str, docs: list[dict], n_shards: int) -> None:
+    from shardflow.storage import Storage
+    from shardflow.storage.jsonl import write_jsonl
+    from shardflow.storage.manifest import ShardRecord, output_ref, write_record
+
+    storage = Storage(root)
+    shards: list[list[dict]] = [[] for _ in range(n_shards)]
+    for d in docs:   # a fixed pseudo-random deal, independent of corpus order
+        shards[xxhash.xxh3_64_intdigest(d["id"].encode()) % n_shards].append(d)
+    for i, part in enumerate(shards):
+        ref = f"stages/filter/{i:06d}.jsonl.zst"
+        write_jsonl(storage, ref, part)
+        write_record(storage, ShardRecord(stage="filter", shard_id=f"{i:06d}", status="done",
+                                          outputs={"docs": output_ref(storage, ref)}))
 
 
-def layout_list(spec: str) -> list[tuple[int, int]]:
-    out = []
-    for part in spec.split(","):
-        b, r = part.lower().split("x")
-        out.append((int(b), int(r)))
+# -- one configuration, in its own process ----------------------------------------------------------------
+
+def load_previous(rev: str):
+    """The dedup module as it was at ``rev`` (before issue 13), importable beside today's."""
+    src = subprocess.check_output(["git", "-C", REPO, "show", f"{rev}:dataprep/dedup.py"])
+    spec = importlib.util.spec_from_loader("shardflow.dataprep._dedup_previous", loader=None)
+    mod = importlib.util.module_from_spec(spec)
+    mod.__package__ = "shardflow.dataprep"
+    sys.modules[spec.name] = mod
+    exec(compile(src, f"{rev}:dataprep/dedup.py", "exec"), mod.__dict__)
+    return mod
+
+
+def parse_overrides(spec: str) -> dict:
+    out = {}
+    for part in filter(None, spec.split(",")):
+        k, v = part.split("=", 1)
+        out[k.strip()] = json.loads(v) if v.strip()[:1] in "0123456789-tfn[{\"" else v.strip()
     return out
 
 
-def quality(docs: list[dict], pairs: int, layouts: list[tuple[int, int]], ngram: int, seed: int,
-            fp_pairs: int) -> dict:
-    rng = random.Random(seed)
-    base = rng.sample(docs, min(pairs, len(docs)))
-    vocab = sorted({w for d in rng.sample(docs, min(500, len(docs))) for w in d["text"].split()})
-    planted = {rate: [plant(d["text"], rate, vocab, rng) for d in base] for rate in RATES}
-    shingler = MinHasher(ngram=ngram, num_bands=0)
-    base_sets = shingler.shingle_sets([d["text"] for d in base])
-    true_j = {rate: np.array([jaccard(a, b) for a, b in zip(base_sets, shingler.shingle_sets([t for t, _ in planted[rate]]))])
-              for rate in RATES}
+def run_one(root: str, name: str, overrides: dict, previous_rev: str) -> dict:
+    from shardflow.dataprep.config import PrepConfig
+    from shardflow.dataprep.stage import run_stage
+    from shardflow.storage import Storage
 
-    # non-duplicate pairs: random, and within the same source package
-    n = len(docs)
-    all_sets = shingler.shingle_sets([d["text"] for d in docs])
-    rand_pairs = set()
-    while len(rand_pairs) < min(fp_pairs, n * (n - 1) // 2):
-        i, j = rng.randrange(n), rng.randrange(n)
-        if i != j:
-            rand_pairs.add((min(i, j), max(i, j)))
-    by_pkg: dict[str, list[int]] = {}
-    for i, d in enumerate(docs):
-        by_pkg.setdefault(d["source"].split("/", 1)[0], []).append(i)
-    groups = [g for g in by_pkg.values() if len(g) > 1]
-    hard_pairs = set()
-    tries = 0
-    while groups and len(hard_pairs) < fp_pairs and tries < 50 * fp_pairs:
-        tries += 1
-        g = rng.choice(groups)
-        i, j = rng.sample(g, 2)
-        hard_pairs.add((min(i, j), max(i, j)))
-    pair_sets = {}
-    for name, ps in (("random", sorted(rand_pairs)), ("same_package", sorted(hard_pairs))):
-        arr = np.array(ps, dtype=np.int64).reshape(-1, 2)
-        js = np.array([jaccard(all_sets[i], all_sets[j]) for i, j in arr.tolist()])
-        pair_sets[name] = (arr, js)
+    cfg = PrepConfig()
+    if name == "previous":
+        module = load_previous(previous_rev)
+        cfg.dedup.num_bands, cfg.dedup.rows_per_band = 14, 8
+        cfg.dedup.jaccard_threshold = None          # the previous default: no verification
+        cfg.dedup.verify_all_pairs_up_to = 64
+    else:
+        from shardflow.dataprep import dedup as module
+        for k, v in overrides.items():
+            setattr(cfg.dedup, k, v)
+        PrepConfig.model_validate(cfg.model_dump())
+    storage = Storage(root)
+    phases = {}
+    t0 = time.perf_counter()
+    for stage in module.dedup_stages(cfg):
+        t1 = time.perf_counter()
+        r = run_stage(stage, storage)
+        if r["failed"]:
+            raise SystemExit(f"{name}: {stage.name} failed: {r['failed']}")
+        phases[stage.name] = {"s": round(time.perf_counter() - t1, 2), "ran": len(r["ran"])}
+    return {"wall_s": round(time.perf_counter() - t0, 2), "phases": phases,
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
-    results = {"docs": len(docs), "pairs_per_rate": len(base), "ngram": ngram, "layouts": {}}
+
+# -- evaluation -------------------------------------------------------------------------------------------
+
+def drops_of(root: str) -> dict[str, tuple[str, str]]:
+    """doc id -> (kind, survivor id), from today's Parquet drop lists or the previous JSON ones."""
+    import pyarrow.parquet as pq
+
+    out = {}
+    d = os.path.join(root, "dedup", "drops")
+    for name in sorted(os.listdir(d)):
+        path = os.path.join(d, name)
+        if name.endswith(".parquet"):
+            t = pq.read_table(path, columns=["id", "kind", "survivor"]).to_pydict()
+        elif name.endswith(".json"):
+            t = json.load(open(path))
+        else:
+            continue
+        out.update((i, (k, s)) for i, k, s in zip(t["id"], t["kind"], t["survivor"]))
+    return out
+
+
+def evaluate(drops: dict[str, tuple[str, str]], texts: dict[str, str], truth: list[tuple[str, str, float]],
+             sample: int, seed: int) -> dict:
+    survivor = lambda x: drops[x][1] if x in drops else x  # noqa: E731
+    recall = {}
     for rate in RATES:
-        results.setdefault("true_jaccard", {})[f"{rate:.0%}"] = {
-            "mean": round(float(true_j[rate].mean()), 4), "p10": round(float(np.percentile(true_j[rate], 10)), 4)}
-    for b, r in layouts:
-        h = MinHasher(ngram=ngram, num_bands=b, rows_per_band=r, seed=seed)
-        sk_base = h.sketch([d["text"] for d in base]).bands
-        sk_all = h.sketch([d["text"] for d in docs]).bands
-        out: dict = {"recall": {}, "expected_recall": {}, "false_positive": {}}
-        for rate in RATES:
-            sk_dup = h.sketch([t for t, _ in planted[rate]]).bands
-            out["recall"][f"{rate:.0%}"] = round(float(candidates(sk_base, sk_dup).mean()), 4)
-            expected = np.mean([candidate_probability(j, b, r) for j in true_j[rate]])
-            out["expected_recall"][f"{rate:.0%}"] = round(float(expected), 4)
-        for name, (arr, js) in pair_sets.items():
-            non_dup = js < NON_DUP_J
-            flagged = candidates(sk_all[arr[:, 0]], sk_all[arr[:, 1]])
-            out["false_positive"][name] = {
-                "pairs": int(non_dup.sum()), "flagged": int((flagged & non_dup).sum()),
-                "rate": round(float((flagged & non_dup).sum() / max(1, non_dup.sum())), 6),
-                "excluded_true_dups": int((~non_dup).sum())}
-        results["layouts"][f"{b}x{r}"] = out
-    return results
+        hits = [survivor(a) == survivor(b) for a, b, r in truth if r == rate]
+        recall[f"{rate:.0%}"] = round(float(np.mean(hits)), 4) if hits else None
+    sizes: dict[str, int] = {}
+    for _, s in drops.values():
+        sizes[s] = sizes.get(s, 1) + 1
+    near = sorted(i for i, (k, _) in drops.items() if k == "near")
+    rng = random.Random(seed)
+    picked = near if len(near) <= sample else sorted(rng.sample(near, sample))
+    shingler = MinHasher(num_bands=0)
+    js = []
+    for i in picked:
+        a, b = shingler.shingle_sets([texts[i], texts[drops[i][1]]])
+        js.append(jaccard(a, b))
+    js = np.array(js)
+    unplanted = np.array([not i.startswith("planted:") for i in picked], dtype=bool)
+    below = lambda m: (int((js[m] < NON_DUP_J).sum()), int(m.sum()))  # noqa: E731
+    b_all, n_all = below(np.ones(len(js), dtype=bool))
+    b_un, n_un = below(unplanted)
+    return {
+        "recall": recall, "dropped": len(drops), "dropped_near": len(near),
+        "precision_sample": n_all, "below_0.5": b_all, "share_below_0.5": round(b_all / max(1, n_all), 4),
+        "unplanted_sample": n_un, "unplanted_below_0.5": b_un, "unplanted_share_below_0.5": round(b_un / max(1, n_un), 4),
+        "median_jaccard_of_near_removals": round(float(np.median(js)), 3) if len(js) else None,
+        "largest_cluster": max(sizes.values()) if sizes else 0,
+        "clusters_over_100": sum(v > 100 for v in sizes.values()),
+    }
 
 
-# -- throughput -----------------------------------------------------------------------------------------
+# -- throughput (unchanged from issue 3) ---------------------------------------------------------------------
 
 _PUNCT = re.compile(r"[^\w\s]|_")
-_M61 = (1 << 61) - 1
 
 
-def baseline_numpy(texts: list[str], ngram: int, a: np.ndarray, b: np.ndarray, bands: int, rows: int) -> list[list[int]]:
+def baseline_numpy(texts: list[str], ngram: int, a: np.ndarray, b: np.ndarray, bands: int, rows: int) -> None:
     """Per document: normalize, build shingle strings, xxhash each, permute with numpy (the
     per-document shape of datatrove's / datasketch's MinHash)."""
-    out = []
     for t in texts:
         if not t.isascii():
             t = unicodedata.normalize("NFKC", t)
@@ -209,110 +237,112 @@ def baseline_numpy(texts: list[str], ngram: int, a: np.ndarray, b: np.ndarray, b
         x = np.fromiter((xxhash.xxh64_intdigest(g.encode("utf-8", "surrogatepass")) >> 32 for g in grams),
                         dtype=np.uint64, count=len(grams))
         sig = ((x[:, None] * a[None, :] + b[None, :]).min(axis=0) >> np.uint64(32)).astype(np.uint32)
-        out.append([xxhash.xxh64_intdigest(sig[i * rows:(i + 1) * rows].tobytes()) for i in range(bands)])
-    return out
+        [xxhash.xxh64_intdigest(sig[i * rows:(i + 1) * rows].tobytes()) for i in range(bands)]
 
 
-def baseline_pure_python(texts: list[str], ngram: int, a: list[int], b: list[int], bands: int, rows: int) -> list[list[int]]:
-    """The same with Python integers only."""
-    out = []
-    mask = (1 << 64) - 1
-    for t in texts:
-        words = _PUNCT.sub(" ", t.lower()).split()
-        xs = {xxhash.xxh64_intdigest(" ".join(words[i:i + ngram]).encode("utf-8", "surrogatepass")) >> 32
-              for i in range(max(1, len(words) - ngram + 1))}
-        sig = [min(((ak * x + bk) & mask) >> 32 for x in xs) for ak, bk in zip(a, b)]
-        out.append([hash(tuple(sig[i * rows:(i + 1) * rows])) for i in range(bands)])
-    return out
-
-
-def throughput(docs: list[dict], ngram: int, bands: int, rows: int, seed: int, n: int, n_pure: int) -> dict:
-    texts = [d["text"] for d in docs[:n]]
+def throughput(texts: list[str], bands: int, rows: int) -> dict:
     mb = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts) / 1e6
-    h = MinHasher(ngram=ngram, num_bands=bands, rows_per_band=rows, seed=seed)
-    h.sketch(texts[:50])  # warm the lazily built tables
+    h = MinHasher(num_bands=bands, rows_per_band=rows)
+    h.sketch(texts[:50])
     t0 = time.perf_counter()
-    h.sketch(texts)
+    h.sketch(texts, signature=True)
     ours = time.perf_counter() - t0
     a, b = h.permutations
     t0 = time.perf_counter()
-    baseline_numpy(texts, ngram, a, b, bands, rows)
+    baseline_numpy(texts, 5, a, b, bands, rows)
     base = time.perf_counter() - t0
-    sub = texts[:n_pure]
-    sub_mb = sum(len(t.encode("utf-8", "surrogatepass")) for t in sub) / 1e6
-    t0 = time.perf_counter()
-    baseline_pure_python(sub, ngram, a.tolist(), b.tolist(), bands, rows)
-    pure = time.perf_counter() - t0
-    return {
-        "docs": len(texts), "mb": round(mb, 2),
-        "shardflow": {"docs_per_s": round(len(texts) / ours), "mb_per_s": round(mb / ours, 2)},
-        "per_doc_numpy": {"docs_per_s": round(len(texts) / base), "mb_per_s": round(mb / base, 2)},
-        "pure_python": {"docs": len(sub), "docs_per_s": round(len(sub) / pure, 1), "mb_per_s": round(sub_mb / pure, 3)},
-        "speedup_vs_per_doc_numpy": round(base / ours, 2),
-        "speedup_vs_pure_python": round((pure / len(sub)) / (ours / len(texts)), 1),
-    }
+    return {"docs": len(texts), "mb": round(mb, 2), "shardflow_mb_s": round(mb / ours, 2),
+            "per_doc_numpy_mb_s": round(mb / base, 2), "speedup": round(base / ours, 2)}
 
 
-# -- main -----------------------------------------------------------------------------------------------
+# -- main -------------------------------------------------------------------------------------------------
 
 def main() -> None:
-    here = os.path.dirname(os.path.abspath(__file__))
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--corpus", nargs="+", default=[os.path.join(here, "_data", "corpus")])
-    ap.add_argument("--pairs", type=int, default=1000, help="planted pairs per edit rate")
-    ap.add_argument("--pool", type=int, default=4000, help="corpus documents read (non-duplicate pairs come from them)")
-    ap.add_argument("--fp-pairs", type=int, default=10000, help="sampled non-duplicate pairs per kind (>= 10000)")
-    ap.add_argument("--layouts", default=None, help="bands x rows list, default: the config's, then 28x4")
-    ap.add_argument("--ngram", type=int, default=None)
-    ap.add_argument("--min-words", type=int, default=50)
+    ap.add_argument("--corpus", default=os.path.join(HERE, "_data", "dedup_corpus.jsonl.zst"))
+    ap.add_argument("--work", default=os.path.join(HERE, "_data", "minhash_quality"))
+    ap.add_argument("--pairs", type=int, default=300, help="planted pairs per edit rate")
+    ap.add_argument("--shards", type=int, default=8)
+    ap.add_argument("--configs", default="previous;default",
+                    help="';'-separated: 'previous', 'default', or comma-separated prep.dedup overrides")
+    ap.add_argument("--previous-rev", default="444a39d", help="git revision holding the pre-issue-13 dedup.py")
+    ap.add_argument("--precision-sample", type=int, default=1500)
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--throughput-docs", type=int, default=3000)
-    ap.add_argument("--pure-python-docs", type=int, default=100)
+    ap.add_argument("--repeat", type=int, default=1, help="run full configs this many times, alternating; min wall reported")
+    ap.add_argument("--throughput-docs", type=int, default=0)
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--run-one", nargs=2, metavar=("ROOT", "CONFIG"), help=argparse.SUPPRESS)
     args = ap.parse_args()
 
-    cfg = DedupConfig()
-    ngram = args.ngram or cfg.ngram
-    layouts = layout_list(args.layouts) if args.layouts else [(cfg.num_bands, cfg.rows_per_band), (28, 4)]
-    files = corpus_files(args.corpus)
+    if args.run_one:
+        root, name = args.run_one
+        print(json.dumps(run_one(root, name, parse_overrides("" if name in ("previous", "default") else name),
+                                 args.previous_rev)))
+        return
+
     t0 = time.perf_counter()
-    docs = read_docs(files, args.pool, excluded_ids(args.corpus), args.min_words)
-    if len(docs) < 100:
-        raise SystemExit(f"only {len(docs)} documents of >= {args.min_words} words in {files[:3]}...")
-    print(f"corpus: {len(docs)} documents from {len(files)} file(s) ({time.perf_counter() - t0:.1f} s)", flush=True)
+    docs, truth = planted_corpus(read_corpus(args.corpus), args.pairs, args.seed)
+    texts = {d["id"]: d["text"] for d in docs}
+    print(f"corpus: {len(docs)} documents ({sum(len(t) for t in texts.values()) / 1e6:.0f} M chars, largest "
+          f"{max(len(t) for t in texts.values()) / 1e6:.1f} M), {len(truth)} planted pairs ({time.perf_counter() - t0:.0f} s)",
+          flush=True)
+    shutil.rmtree(args.work, ignore_errors=True)
+    base = os.path.join(args.work, "filter-only")
+    write_shards(base, docs, args.shards)
 
-    q = quality(docs, args.pairs, layouts, ngram, args.seed, args.fp_pairs)
-    tp = throughput(docs, ngram, layouts[0][0], layouts[0][1], args.seed, args.throughput_docs, args.pure_python_docs)
+    from shardflow.dataprep.config import DedupConfig
+    layout = lambda o: (o.get("num_bands", DedupConfig().num_bands), o.get("rows_per_band", DedupConfig().rows_per_band),  # noqa: E731
+                        o.get("ngram", 5), o.get("seed", 1))
+    results = {}
+    names = [c.strip() for c in args.configs.split(";") if c.strip()]
+    for round_ in range(args.repeat):
+        for name in names:
+            overrides = {} if name in ("previous", "default") else parse_overrides(name)
+            reuse = name not in ("previous", "default") and "default" in results and layout(overrides) == layout({})
+            if round_ and reuse:
+                continue
+            root = os.path.join(args.work, re.sub(r"[^a-z0-9.=_-]+", "_", name.lower()))
+            shutil.rmtree(root, ignore_errors=True)
+            shutil.copytree(results["default"]["root"] if reuse else base, root)
+            out = subprocess.run([sys.executable, __file__, "--run-one", root, name, "--previous-rev", args.previous_rev],
+                                 check=True, capture_output=True, text=True)
+            res = json.loads(out.stdout.strip().splitlines()[-1])
+            res.update(evaluate(drops_of(root), texts, truth, args.precision_sample, args.seed), root=root,
+                       reused_signatures=reuse)
+            if name in results:
+                res["walls"] = results[name]["walls"] + [res["wall_s"]]
+                res["wall_s"] = min(res["walls"])
+                res["peak_rss_mb"] = max(res["peak_rss_mb"], results[name]["peak_rss_mb"])
+            else:
+                res["walls"] = [res["wall_s"]]
+            results[name] = res
+            print(f"[{name}] {json.dumps({k: v for k, v in res.items() if k != 'root'})}", flush=True)
 
-    print("\n=== MinHash LSH quality ===")
-    print(f"{len(docs)} docs, {q['pairs_per_rate']} planted pairs per edit rate, {ngram}-word shingles")
-    print("true Jaccard of planted pairs: "
-          + ", ".join(f"{k}: mean {v['mean']:.3f} (p10 {v['p10']:.3f})" for k, v in q["true_jaccard"].items()))
-    for name, res in q["layouts"].items():
-        b, r = layout_list(name)[0]
-        thr = (1 / b) ** (1 / r)
-        ok_recall = all(res["recall"][f"{x:.0%}"] >= 0.95 for x in RATES if x <= 0.05)
-        ok_fp = all(v["rate"] <= 0.01 for v in res["false_positive"].values())
-        print(f"\n[{name}: {b} bands x {r} rows = {b * r} permutations, threshold ~{thr:.2f}]")
-        print("  edit rate   recall   expected")
-        for rate in RATES:
-            k = f"{rate:.0%}"
-            print(f"  {k:>9}   {res['recall'][k]:.4f}   {res['expected_recall'][k]:.4f}")
-        for kind, v in res["false_positive"].items():
-            print(f"  false positives ({kind}): {v['flagged']}/{v['pairs']} = {v['rate']:.4%} "
-                  f"(pairs with J >= {NON_DUP_J} excluded: {v['excluded_true_dups']})")
-        print(f"  goals: recall >= 0.95 at <= 5 %: {'PASS' if ok_recall else 'FAIL'}; "
-              f"false-positive rate <= 1 %: {'PASS' if ok_fp else 'FAIL'}")
-    print("\n=== signature throughput (one process) ===")
-    print(f"{tp['docs']} docs, {tp['mb']} MB, layout {layouts[0][0]}x{layouts[0][1]}")
-    print(f"  shardflow MinHasher      {tp['shardflow']['docs_per_s']:>8} docs/s  {tp['shardflow']['mb_per_s']:>7} MB/s")
-    print(f"  per-doc python + numpy   {tp['per_doc_numpy']['docs_per_s']:>8} docs/s  {tp['per_doc_numpy']['mb_per_s']:>7} MB/s"
-          f"   -> shardflow {tp['speedup_vs_per_doc_numpy']}x")
-    print(f"  pure python ({tp['pure_python']['docs']} docs)   {tp['pure_python']['docs_per_s']:>8} docs/s  "
-          f"{tp['pure_python']['mb_per_s']:>7} MB/s   -> shardflow {tp['speedup_vs_pure_python']}x")
+    prev = results.get("previous")
+    print("\n| config | recall 1 % | 3 % | 5 % | 10 % | near removals | J<0.5 (all) | J<0.5 (unplanted) | "
+          "largest cluster | dedup s | vs previous | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        ratio = f"{r['wall_s'] / prev['wall_s']:.2f}×" if prev and not r["reused_signatures"] else "-"
+        rec = " | ".join(f"{r['recall'][f'{x:.0%}']:.3f}" for x in RATES)
+        print(f"| {name} | {rec} | {r['dropped_near']} | {r['below_0.5']}/{r['precision_sample']} "
+              f"({r['share_below_0.5']:.2%}) | {r['unplanted_below_0.5']}/{r['unplanted_sample']} "
+              f"({r['unplanted_share_below_0.5']:.2%}) | {r['largest_cluster']} | {r['wall_s']:.1f}"
+              f"{' (clusters+filter)' if r['reused_signatures'] else ''} | {ratio} | {r['peak_rss_mb']:.0f} |")
+    if "default" in results:
+        r = results["default"]
+        goals = {"recall >= 0.95 at <= 5 %": all(r["recall"][f"{x:.0%}"] >= 0.95 for x in RATES if x <= 0.05),
+                 "<= 1 % of removals below 0.5": r["share_below_0.5"] <= 0.01,
+                 "peak RSS <= 2 GB": r["peak_rss_mb"] <= 2048}
+        if prev:
+            goals["dedup time <= 1.5x previous"] = r["wall_s"] <= 1.5 * prev["wall_s"]
+        print("\ndefault config: " + "; ".join(f"{k}: {'PASS' if v else 'FAIL'}" for k, v in goals.items()))
+    if args.throughput_docs:
+        sample = [d["text"] for d in docs[:args.throughput_docs]]
+        print(f"\nsignature throughput: {json.dumps(throughput(sample, DedupConfig().num_bands, DedupConfig().rows_per_band))}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"quality": q, "throughput": tp, "args": vars(args)}, f, indent=2)
+            json.dump({"results": results, "args": vars(args)}, f, indent=2)
 
 
 if __name__ == "__main__":

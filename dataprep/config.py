@@ -143,10 +143,11 @@ class DedupConfig(_Section):
     num_bands: int = Field(28, ge=1, description="LSH bands: two documents are candidates when any band's hash is equal.")
     rows_per_band: int = Field(4, ge=1, description="Signature values per band: num_bands * rows_per_band permutations.")
     seed: int = Field(1, ge=0)
-    verify: Literal["signature", "exact", "off"] = Field(
-        "signature", description="How a candidate pair is confirmed: 'signature' = Jaccard estimated from the stored MinHash "
-        "signatures (no text re-read), 'exact' = exact shingle Jaccard (re-reads the candidates' text), 'off' = every LSH candidate counts.")
-    jaccard_threshold: float = Field(0.6, gt=0, le=1, description="A candidate pair is a near duplicate when its verified similarity is at least this.")
+    verify: Literal["exact", "signature", "off"] = Field(
+        "exact", description="How a candidate pair is confirmed: 'exact' = exact shingle Jaccard (re-reads the text of candidates "
+        "whose MinHash estimate is not far below the threshold), 'signature' = Jaccard estimated from the stored MinHash "
+        "signatures (no text re-read), 'off' = every LSH candidate counts.")
+    jaccard_threshold: float = Field(0.5, gt=0, le=1, description="A candidate pair is a near duplicate when its verified similarity is at least this.")
     num_buckets: int = Field(8, ge=1, description="Band buckets are hash-partitioned into this many files (the parallelism of the bucket phase).")
     verify_all_pairs_up_to: int = Field(64, ge=2, description="LSH groups up to this size verify every pair; larger ones pair each member with the group's first verify_window members by survivor rank and its verify_window neighbours in signature order.")
     verify_window: int = Field(16, ge=1, description="Pairs per member in LSH groups larger than verify_all_pairs_up_to (see there).")

@@ -5,19 +5,22 @@ Why stars and not connected components: union-find over candidate pairs joins A~
 A and Z share little, and removes all of them but one survivor — on templated text (generated CLI
 man pages) that deleted thousands of distinct documents. A star cluster is a kept *centre* plus
 the documents verified similar to that centre itself, so every removal is justified by its own
-pair: :func:`star_clusters` is greedy in a fixed rank order (lowest rank first: it becomes a centre
-if no verified neighbour of lower rank is a centre; otherwise it is removed in favour of the
-lowest-ranked such centre). That is the lexicographically first maximal independent set of the
-verified graph, a function of the graph and the ranks alone, so it does not depend on worker count
-or shard order. It is computed in rounds (each round decides every node whose lower-ranked
-neighbours are all decided), so the work is proportional to the edges times the rounds, and
-rounds grow with the longest rank-increasing chain (logarithmic for content-hash ranks).
+pair. :func:`star_clusters` is greedy over the verified edges by decreasing similarity (ties by the
+content ranks of their ends): a pair of unclaimed documents makes the lower-ranked one a centre
+and the other its member, a centre claims an unclaimed neighbour, and members claim nothing. It
+is a function of the verified graph, the similarities and the content ranks alone, so it does not
+depend on worker count or shard order, and edges of different connected components never
+interact, so components are independent units of work.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 
 _PAIR_CHUNK = 1 << 18
+_SORT_COLUMNS = 8
+"""Leading signature values that order a large group (documents sharing them are adjacent)."""
 
 
 def connected_components(n: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -73,7 +76,7 @@ def group_pairs(starts: np.ndarray, sizes: np.ndarray, members: np.ndarray, rank
         heads = by_rank[:window]
         out.append(np.stack([np.repeat(heads, g), np.tile(grp, len(heads))], axis=1))
         if sig is not None and sig.shape[1]:
-            order = by_rank[np.lexsort(sig[by_rank].T[::-1])]
+            order = by_rank[np.lexsort(sig[by_rank, :_SORT_COLUMNS].T[::-1])]
         else:
             order = by_rank
         for k in range(1, min(window, g - 1) + 1):
@@ -96,41 +99,72 @@ def signature_similarity(pairs: np.ndarray, sig: np.ndarray) -> np.ndarray:
     return out
 
 
-def star_clusters(n: int, rank: np.ndarray, u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Greedy star clustering of ``n`` nodes with distinct ``rank`` over edges ``u``–``v``.
+def sorted_jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    """Exact Jaccard of two sorted unique arrays: one ``searchsorted`` of the smaller into the larger
+    (a few µs; ``numpy.intersect1d`` sorts both again)."""
+    if len(a) > len(b):
+        a, b = b, a
+    if not len(a):
+        return 1.0 if not len(b) else 0.0
+    pos = np.searchsorted(b, a)
+    np.minimum(pos, len(b) - 1, out=pos)
+    inter = int(np.count_nonzero(b[pos] == a))
+    return inter / (len(a) + len(b) - inter)
 
-    Returns ``(centre, edge)``: ``centre[x]`` is ``x`` for a centre (kept) and otherwise the
-    lowest-ranked centre among ``x``'s neighbours of lower rank (``x`` is removed in its favour);
-    ``edge[x]`` is the index of that edge in ``u``/``v`` (-1 for centres). Equal to visiting the
-    nodes in rank order and letting each unclaimed node claim all its unclaimed neighbours.
+
+def star_clusters(n: int, rank: np.ndarray, u: np.ndarray, v: np.ndarray, weight: np.ndarray | None = None,
+                  check: Callable[[int, int], float] | None = None,
+                  threshold: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Greedy star clustering of ``n`` nodes with distinct ``rank`` over candidate edges ``u``–``v``.
+
+    Edges are visited by decreasing ``weight`` (their estimated similarity; ties by the ranks of
+    their ends). An edge between two unclaimed nodes makes the lower-ranked one a centre and the
+    other its member; an edge between a centre and an unclaimed node makes that node a member;
+    any other edge is skipped — a member never claims anything, so nothing is removed through a
+    chain. With ``check``, an edge that would change something is first verified:
+    ``check(a, b)`` gives the pair's true similarity and the edge is used only if it is at least
+    ``threshold`` (lazy verification: edges whose ends are already settled are never checked,
+    which on dense templated families skips most of them). Nodes left unclaimed are centres.
+    Most-similar pairs first means a document joins the most similar centre available — a copy
+    stays with its original instead of the original being taken by a template sibling that only
+    shares boilerplate with it.
+
+    Returns ``(centre, edge, sim)``: ``centre[x]`` is ``x`` for a centre (kept), else the centre
+    it is removed in favour of; ``edge[x]`` the index in ``u``/``v`` of the edge joining them
+    (-1 for centres); ``sim[e]`` the verified similarity of edge ``e`` (NaN where never checked).
+    Sequential over edges, but edges of different connected components never interact, so
+    components can be processed independently (docs/dedup.md).
     """
     u = np.asarray(u, dtype=np.int64)
     v = np.asarray(v, dtype=np.int64)
-    lower = rank[u] < rank[v]
-    lo, hi = np.where(lower, u, v), np.where(lower, v, u)
-    state = np.zeros(n, dtype=np.int8)        # 0 undecided, 1 centre, 2 removed
-    e_lo, e_hi = lo, hi
-    active = np.unique(np.concatenate([lo, hi]))
-    state[np.setdiff1d(np.arange(n), active, assume_unique=True)] = 1   # no neighbour: a centre
-    while len(active):
-        keep = state[e_hi] == 0
-        e_lo, e_hi = e_lo[keep], e_hi[keep]
-        s_lo = state[e_lo]
-        claimed = np.zeros(n, dtype=bool)
-        claimed[e_hi[s_lo == 1]] = True
-        blocked = np.zeros(n, dtype=bool)
-        blocked[e_hi[s_lo == 0]] = True
-        und = active[state[active] == 0]
-        state[und[claimed[und]]] = 2
-        state[und[~claimed[und] & ~blocked[und]]] = 1
-        active = und[state[und] == 0]
+    weight = np.ones(len(u)) if weight is None else np.asarray(weight, dtype=np.float64)
+    sim = weight.copy() if check is None else np.full(len(u), np.nan)
     centre = np.arange(n, dtype=np.int64)
     edge = np.full(n, -1, dtype=np.int64)
-    sel = np.flatnonzero((state[lo] == 1) & (state[hi] == 2))
-    if len(sel):
-        best = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)
-        np.minimum.at(best, hi[sel], rank[lo[sel]])
-        win = sel[rank[lo[sel]] == best[hi[sel]]]
-        centre[hi[win]] = lo[win]
-        edge[hi[win]] = win
-    return centre, edge
+    if not len(u):
+        return centre, edge, sim
+    lower = rank[u] < rank[v]
+    lo, hi = np.where(lower, u, v), np.where(lower, v, u)
+    order = np.lexsort((rank[hi], rank[lo], -weight))
+    role = bytearray(n)                       # 0 unclaimed, 1 centre, 2 member
+    cen = centre.tolist()
+    edg = edge.tolist()
+    for e, a, b in zip(order.tolist(), lo[order].tolist(), hi[order].tolist()):
+        ra, rb = role[a], role[b]
+        if ra == 2 or rb == 2 or (ra and rb):
+            continue
+        if check is not None:
+            s = check(a, b)
+            sim[e] = s
+            if s < threshold:
+                continue
+        if not ra and not rb:
+            role[a], role[b] = 1, 2
+            cen[b], edg[b] = a, e
+        elif ra == 1:
+            role[b] = 2
+            cen[b], edg[b] = a, e
+        else:
+            role[a] = 2
+            cen[a], edg[a] = b, e
+    return np.asarray(cen, dtype=np.int64), np.asarray(edg, dtype=np.int64), sim

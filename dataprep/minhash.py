@@ -431,13 +431,17 @@ class MinHasher:
                     sig[start:stop] = s
         return Sketch(exact=exact, text_hash=text_hash, words=words, bands=bands, signature=sig)
 
-    def shingle_sets(self, texts: Sequence[str]) -> list[np.ndarray]:
-        """Each document's shingle hashes as a sorted unique uint64 array (for exact Jaccard)."""
+    def shingle_sets(self, texts: Sequence[str], top32: bool = False) -> list[np.ndarray]:
+        """Each document's shingle hashes as a sorted unique array (for exact Jaccard): uint64, or
+        with ``top32`` their top 32 bits as uint32 — the values the MinHash permutations see, so
+        their Jaccard is exactly the one the signatures estimate."""
         out: list[np.ndarray] = []
         for start, encoded in self._batches(texts):
             w = _batch_words(encoded)
             e = _exact_keys(w, texts[start:start + len(encoded)])
             shingles, offsets = _shingles(w, e, self.ngram)
+            if top32:
+                shingles = (shingles >> _S32).astype(np.uint32)
             out.extend(np.unique(shingles[offsets[i]:offsets[i + 1]]) for i in range(len(encoded)))
         return out
 

@@ -161,7 +161,7 @@ def test_end_to_end_planted_duplicates(storage, records):
         j = true_jaccard(by_id[a]["text"], by_id[b]["text"])
         hit = survivor_of(a) == survivor_of(b)
         found += hit
-        if j >= 0.9:  # candidate probability > 0.9999 with 28 bands x 4 rows
+        if j >= 0.9:  # candidate probability > 0.9999 with 28 bands x 4 rows, verified
             assert hit, (a, b, j)
     assert found >= 0.7 * len(near)
 
@@ -423,7 +423,7 @@ def test_config_digests_cover_exactly_what_changes_each_phase():
     d0 = digests(base)
     assert digests(cfg_with(num_buckets=4))[0] == d0[0] and digests(cfg_with(num_buckets=4))[1] != d0[1]
     assert digests(cfg_with(jaccard_threshold=0.8))[:2] == d0[:2] and digests(cfg_with(jaccard_threshold=0.8))[2] != d0[2]
-    assert digests(cfg_with(verify="exact"))[:2] == d0[:2] and digests(cfg_with(verify="exact"))[2] != d0[2]
+    assert digests(cfg_with(verify="signature"))[:2] == d0[:2] and digests(cfg_with(verify="signature"))[2] != d0[2]
     changed = digests(cfg_with(rows_per_band=8))
     assert changed[0] != d0[0] and changed[3] == d0[3]
     assert digests(cfg_with(exact=False))[0] == d0[0]            # signatures always hold the exact key

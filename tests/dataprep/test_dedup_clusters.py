@@ -52,41 +52,35 @@ def doc(doc_id: str, words: list[str]) -> dict:
 # -- chaining ------------------------------------------------------------------------------------------------
 
 def test_chain_keeps_its_dissimilar_ends(tmp_path, distinct):
-    """A~B and B~C (Jaccard ~0.7) but A, C dissimilar (~0.48): union-find would keep one of the
-    three. With stars, when an end ranks first it claims B, and the other end — similar only to
-    the removed B — is kept; when B ranks first both ends go, each in favour of B itself."""
+    """A~B and B~C (Jaccard ~0.7) but A, C dissimilar (~0.48): union-find keeps one of the three.
+    With stars, either B is a centre and both ends are removed, each in favour of B itself, or
+    B is removed in favour of one end and the other end — similar only to the removed B — is
+    kept. Both happen over the seeds (which depends on the ranks and similarities)."""
     cfg = PrepConfig()
-    h = mh.MinHasher(num_bands=cfg.dedup.num_bands, rows_per_band=cfg.dedup.rows_per_band, seed=cfg.dedup.seed)
-    seen_end_first = seen_b_first = 0
-    for seed in range(16):
+    ends_kept = b_kept = 0
+    for seed in range(10):
         w = vocabulary(540, seed)
         a, b, c = doc(f"A{seed}", w[0:400]), doc(f"B{seed}", w[70:470]), doc(f"C{seed}", w[140:540])
         assert true_jaccard(a["text"], b["text"]) > 0.68 and true_jaccard(b["text"], c["text"]) > 0.68
         assert true_jaccard(a["text"], c["text"]) < 0.5
-        sk = h.sketch([a["text"], b["text"], c["text"]], signature=True)
-        est = graph.signature_similarity(np.array([[0, 1], [1, 2], [0, 2]]), sk.signature)
-        if not (est[0] >= 0.6 and est[1] >= 0.6):   # the estimate missed a link: not a chain
-            continue
-        assert est[2] < 0.6
-        keys = sk.exact.tolist()
         storage = Storage(str(tmp_path / f"chain{seed}"))
         write_filter_shards(storage, [[a, distinct[0]], [b, c] + distinct[1:10]])
         run_dedup(storage, cfg)
         drops = audit(storage)
         kept = {d["id"] for rec in list_records(storage, "dedup").values() for d in iter_jsonl(storage, rec.outputs["docs"].ref)}
-        if keys[1] < min(keys[0], keys[2]):         # B ranks first: both ends go, each to B
-            seen_b_first += 1
+        if b["id"] in kept:
+            b_kept += 1
             assert set(drops) == {a["id"], c["id"]} and {r["survivor"] for r in drops.values()} == {b["id"]}
         else:
-            seen_end_first += 1
+            ends_kept += 1
             assert set(drops) == {b["id"]} and {a["id"], c["id"]} <= kept
-            first = a["id"] if keys[0] < keys[2] else c["id"]
-            assert drops[b["id"]]["survivor"] == first
-        report = storage.read_json(dd.REPORT_REF)
-        assert report["largest_candidate_component"] == 3
+            assert drops[b["id"]]["survivor"] in (a["id"], c["id"])
+        assert storage.read_json(dd.REPORT_REF)["largest_candidate_component"] == 3
+        texts = {x["id"]: x["text"] for x in (a, b, c)}
         for r in drops.values():   # every removal is justified by its own pair
-            assert r["kind"] == "near" and r["similarity"] >= 0.6
-    assert seen_end_first >= 3 and seen_b_first >= 1
+            assert r["kind"] == "near" and r["similarity"] >= cfg.dedup.jaccard_threshold
+            assert abs(true_jaccard(texts[r["id"]], texts[r["survivor"]]) - r["similarity"]) < 1e-6
+    assert ends_kept >= 2 and b_kept >= 1
 
 
 def test_templated_family_is_not_swept_into_one_cluster(local_storage):
@@ -101,7 +95,7 @@ def test_templated_family_is_not_swept_into_one_cluster(local_storage):
     drops = audit(local_storage)
     by_id = {d["id"]: d for d in docs}
     assert report["largest_candidate_component"] == 40
-    assert report["kept"] >= 15 and max(int(k) for k in report["cluster_sizes"]) <= 5
+    assert report["kept"] >= 10 and max(int(k) for k in report["cluster_sizes"]) <= 5
     for r in drops.values():
         assert true_jaccard(by_id[r["id"]]["text"], by_id[r["survivor"]]["text"]) >= 0.5
         assert r["survivor"] not in drops
@@ -179,39 +173,46 @@ def test_audit_matches_drops_one_for_one(local_storage, records):
 
 # -- building blocks ----------------------------------------------------------------------------------------
 
-def greedy_reference(n: int, rank: list[int], edges: list[tuple[int, int]]) -> list[int]:
-    """Visit nodes in rank order; an unclaimed node becomes a centre and claims its unclaimed neighbours."""
-    adj: dict[int, list[int]] = {i: [] for i in range(n)}
-    for a, b in edges:
-        adj[a].append(b)
-        adj[b].append(a)
-    centre = [-1] * n
-    for x in sorted(range(n), key=rank.__getitem__):
-        if centre[x] == -1:
-            centre[x] = x
-            for y in adj[x]:
-                if centre[y] == -1:
-                    centre[y] = x
+def greedy_reference(n: int, rank: list[int], edges: list[tuple[int, int]], sim: list[float]) -> list[int]:
+    """Visit edges by decreasing similarity (ties by the ranks of their ends); pair two unclaimed
+    nodes (the lower-ranked one the centre) or let a centre claim an unclaimed node."""
+    centre = list(range(n))
+    role = [0] * n
+    keyed = []
+    for (x, y), s in zip(edges, sim):
+        lo, hi = (x, y) if rank[x] < rank[y] else (y, x)
+        keyed.append((-s, rank[lo], rank[hi], lo, hi))
+    for _, _, _, lo, hi in sorted(keyed):
+        if role[lo] == 0 and role[hi] == 0:
+            role[lo], role[hi], centre[hi] = 1, 2, lo
+        elif role[lo] == 1 and role[hi] == 0:
+            role[hi], centre[hi] = 2, lo
+        elif role[lo] == 0 and role[hi] == 1:
+            role[lo], centre[lo] = 2, hi
     return centre
 
 
-def test_star_clusters_match_sequential_greedy():
+def test_star_clusters_match_sequential_reference():
     rng = random.Random(0)
     for n, m in [(1, 0), (5, 4), (50, 80), (300, 900), (1000, 400)]:
-        edges = [(rng.randrange(n), rng.randrange(n)) for _ in range(m)]
-        edges = [(a, b) for a, b in edges if a != b]
+        pairs = {tuple(sorted((rng.randrange(n), rng.randrange(n)))) for _ in range(m)}
+        edges = sorted((a, b) for a, b in pairs if a != b)
+        sim = [rng.choice([0.5, 0.6, 0.75, 0.9, 1.0]) for _ in edges]
         rank = list(range(n))
         rng.shuffle(rank)
         u = np.array([a for a, _ in edges], dtype=np.int64)
         v = np.array([b for _, b in edges], dtype=np.int64)
-        centre, edge = graph.star_clusters(n, np.array(rank), u, v)
-        assert centre.tolist() == greedy_reference(n, rank, edges)
+        centre, edge, _ = graph.star_clusters(n, np.array(rank), u, v, np.array(sim))
+        assert centre.tolist() == greedy_reference(n, rank, edges, sim)
         for x in range(n):
             if centre[x] != x:
                 assert {int(u[edge[x]]), int(v[edge[x]])} == {x, int(centre[x])}
                 assert centre[centre[x]] == centre[x]          # survivors are kept: no chains
-    path = np.arange(199, dtype=np.int64)                      # rank-increasing path: keeps every other
-    centre, _ = graph.star_clusters(200, np.arange(200), path, path + 1)
+            else:
+                assert edge[x] == -1
+    # a path whose similarities fall along it: pairs (0,1), (2,3), ... form, nothing chains
+    path = np.arange(199, dtype=np.int64)
+    centre, _, _ = graph.star_clusters(200, np.arange(200), path, path + 1, 1.0 - path / 1000)
     assert centre.tolist() == [x - (x % 2) for x in range(200)]
 
 

@@ -17,7 +17,7 @@ def write(tmp_path, body: str):
 
 def test_defaults_validate():
     cfg = load_config(None)
-    assert cfg.prep.dedup.num_bands == 14 and cfg.prep.dedup.rows_per_band == 8
+    assert cfg.prep.dedup.num_bands == 28 and cfg.prep.dedup.rows_per_band == 4 and cfg.prep.dedup.verify == "exact"
     assert cfg.train.model is not None
 
 
