@@ -29,10 +29,11 @@ import sentencepiece as spm
 from shardflow.dataprep.config import PrepConfig
 from shardflow.dataprep.stage import run_stage
 from shardflow.dataprep.tokenize import PackStage, TokenizeStage
-from shardflow.dataprep.tokenizer import TokenizerStage, iter_id_text, load_tokenizer
+from shardflow.dataprep.tokenizer import TokenizerStage, iter_id_text
 from shardflow.storage import Storage
 from shardflow.storage.manifest import ShardRecord, list_records, output_ref, write_record
 from shardflow.storage.shards import read_index
+from shardflow.storage.tokenizer_files import load_tokenizer
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_CORPUS = HERE / "_data" / "corpus" / "*.jsonl.zst"

@@ -30,7 +30,7 @@ import xxhash
 
 from shardflow.storage import Storage, digest_json
 from shardflow.storage.doc_split import SPLIT_DOMAIN as _SPLIT_DOMAIN
-from shardflow.storage.doc_split import doc_split, val_threshold  # noqa: F401 - doc_split: the rule, re-exported for callers of this stage
+from shardflow.storage.doc_split import val_threshold
 from shardflow.storage.layout import stage_dir
 from shardflow.storage.manifest import ShardState, classify, list_records, record_ref
 from shardflow.storage.shards import (

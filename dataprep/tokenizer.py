@@ -27,15 +27,7 @@ import xxhash
 from shardflow.storage import Storage, digest_json
 from shardflow.storage.jsonl import iter_lines
 from shardflow.storage.manifest import read_record
-from shardflow.storage.tokenizer_files import (  # noqa: F401 - load_tokenizer: how the stage's outputs are read back
-    META_REF,
-    MODEL_REF,
-    VOCAB_REF,
-    encode_varint,
-    load_tokenizer,
-    proto_fields,
-    read_varint,
-)
+from shardflow.storage.tokenizer_files import META_REF, MODEL_REF, VOCAB_REF, encode_varint, proto_fields, read_varint
 
 from .config import PrepConfig, TokenizerConfig
 from .stage import ShardOutput, ShardSpec, upstream_shards

@@ -10,11 +10,13 @@ import pytest
 
 from shardflow.dataprep.config import PrepConfig
 from shardflow.dataprep.stage import run_shard, run_stage
-from shardflow.dataprep.tokenize import PackStage, TokenizeStage, doc_split, stream_ref, tokenize_stages
-from shardflow.dataprep.tokenizer import MODEL_REF, TokenizerStage, load_tokenizer
+from shardflow.dataprep.tokenize import PackStage, TokenizeStage, stream_ref, tokenize_stages
+from shardflow.dataprep.tokenizer import TokenizerStage
 from shardflow.storage import Storage, digest_bytes
+from shardflow.storage.doc_split import doc_split
 from shardflow.storage.jsonl import iter_jsonl
 from shardflow.storage.manifest import read_record, record_ref
+from shardflow.storage.tokenizer_files import MODEL_REF, load_tokenizer
 from shardflow.storage.shards import INDEX_REF, read_index, read_member_rows, verify_shard
 
 from .test_tokenizer import make_upstream, real_docs

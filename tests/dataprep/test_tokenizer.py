@@ -13,7 +13,6 @@ from shardflow.dataprep.tokenizer import (
     HashSampler,
     TokenizerStage,
     TokenizerTrainingError,
-    load_tokenizer,
     sample_key,
     sample_sentences,
     train_model,
@@ -22,6 +21,7 @@ from shardflow.dataprep.tokenizer import (
 from shardflow.storage import Storage, digest_bytes
 from shardflow.storage.jsonl import write_jsonl
 from shardflow.storage.manifest import ShardRecord, ShardState, output_ref, read_record, write_record
+from shardflow.storage.tokenizer_files import load_tokenizer
 
 from ..real_text import demo_texts
 

@@ -18,12 +18,14 @@ import torch
 
 from shardflow.dataprep.config import PrepConfig
 from shardflow.dataprep.stage import run_stage
-from shardflow.dataprep.tokenize import doc_split, tokenize_stages
-from shardflow.dataprep.tokenizer import TokenizerStage, load_tokenizer
+from shardflow.dataprep.tokenize import tokenize_stages
+from shardflow.dataprep.tokenizer import TokenizerStage
 from shardflow.storage import Storage
+from shardflow.storage.doc_split import doc_split
 from shardflow.storage.jsonl import JsonlWriter
 from shardflow.storage.manifest import ShardRecord, output_ref, write_record
 from shardflow.storage.shards import read_index, read_member_rows
+from shardflow.storage.tokenizer_files import load_tokenizer
 from shardflow.train import tasks as T
 from shardflow.train.config import EvalConfig, TrainConfig
 from shardflow.train.evaluate import (

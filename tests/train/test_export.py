@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from shardflow.dataprep.config import TokenizerConfig
-from shardflow.dataprep.tokenizer import META_REF, MODEL_REF, load_tokenizer, sample_sentences, train_model
+from shardflow.dataprep.tokenizer import sample_sentences, train_model
 from shardflow.storage import Storage, StorageConfig
 from shardflow.storage.shards import read_index
+from shardflow.storage.tokenizer_files import META_REF, MODEL_REF, load_tokenizer
 from shardflow.train.checkpoint import CheckpointError
 from shardflow.train.evaluate import load_model
 from shardflow.train.export import ExportError, export_checkpoint, export_model

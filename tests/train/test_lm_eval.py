@@ -16,9 +16,9 @@ import sys
 import pytest
 import torch
 
-from shardflow.dataprep.tokenizer import load_tokenizer
 from shardflow.storage import Storage
 from shardflow.storage.shards import read_index
+from shardflow.storage.tokenizer_files import load_tokenizer
 from shardflow.train import tasks as T
 from shardflow.train.evaluate import load_model, run_evaluation
 from shardflow.train.export import export_checkpoint
