@@ -14,7 +14,7 @@ import zstandard
 from shardflow.dataprep import dedup as dd
 from shardflow.dataprep import minhash as mh
 from shardflow.dataprep.config import PrepConfig
-from shardflow.dataprep.demo_corpus import demo_corpus_path
+from shardflow.dataprep.demo_corpus import read_demo_corpus
 from shardflow.dataprep.stage import plan, run_shard, run_stage
 from shardflow.storage import Storage
 from shardflow.storage.jsonl import iter_jsonl, read_parquet_table, write_jsonl
@@ -28,7 +28,7 @@ PHASES = ["dedup_signatures", "dedup_buckets", "dedup_clusters", "dedup"]
 @pytest.fixture(scope="module")
 def records() -> list[dict]:
     """Valid records of the demo corpus (real documentation, with labelled planted copies)."""
-    raw = zstandard.ZstdDecompressor().decompress(demo_corpus_path().read_bytes())
+    raw = read_demo_corpus()
     out = []
     for line in raw.split(b"\n"):
         try:

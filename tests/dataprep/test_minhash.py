@@ -8,10 +8,9 @@ import random
 
 import numpy as np
 import pytest
-import zstandard
 
 from shardflow.dataprep import minhash as mh
-from shardflow.dataprep.demo_corpus import demo_corpus_path
+from shardflow.dataprep.demo_corpus import read_demo_corpus
 
 TRICKY = [
     "",
@@ -41,7 +40,7 @@ TRICKY = [
 @pytest.fixture(scope="module")
 def corpus() -> list[str]:
     """Texts of the bundled demo corpus (real documentation), without its planted copies."""
-    raw = zstandard.ZstdDecompressor().decompress(demo_corpus_path().read_bytes())
+    raw = read_demo_corpus()
     texts = []
     for line in raw.split(b"\n"):
         try:

@@ -37,12 +37,9 @@ SMALL_PREP: list[str] = [
 
 def demo_lines() -> list[bytes]:
     """The bundled real-text demo corpus, one JSONL line each (malformed lines included)."""
-    import zstandard
+    from shardflow.dataprep.demo_corpus import demo_corpus_lines
 
-    from shardflow.dataprep.demo_corpus import demo_corpus_path
-
-    raw = zstandard.ZstdDecompressor().decompressobj().decompress(demo_corpus_path().read_bytes())
-    return raw.splitlines(keepends=True)
+    return demo_corpus_lines()
 
 
 def write_small_corpus(directory: Path, n_lines: int = 600, n_files: int = 3) -> list[Path]:
