@@ -113,6 +113,51 @@ def summary_markdown(title: str, summaries: list[dict[str, Any]], error: str | N
     return "\n".join(lines) + "\n"
 
 
+def dedup_report_markdown(report: Mapping[str, Any], bar_width: int = 40) -> str:
+    """The dedup cluster report (``dedup/clusters_report.json``) as markdown: totals, a histogram
+    of cluster sizes, verification counts and the largest clusters with sample ids — so that a
+    surprising removal can be traced to its cluster from the UI (the per-document audit is the
+    Parquet drop lists under ``dedup/drops/``)."""
+    dropped = report.get("dropped", {})
+    lines = ["# Dedup clusters", "",
+             f"{report.get('docs', 0):,} documents, {report.get('kept', 0):,} kept; removed {dropped.get('total', 0):,} "
+             f"({dropped.get('exact', 0):,} exact, {dropped.get('near', 0):,} near) in {report.get('clusters', 0):,} clusters. "
+             f"Verification: `{report.get('verify')}`, threshold {report.get('jaccard_threshold')}; largest candidate "
+             f"component {report.get('largest_candidate_component', 0):,} (what union-find would have merged).", ""]
+    sizes = {int(k): int(v) for k, v in (report.get("cluster_sizes") or {}).items()}
+    if sizes:
+        top = max(sizes.values())
+        lines += ["## Cluster sizes", "", "| size | clusters | |", "|---:|---:|---|"]
+        lines += [f"| {k} | {v:,} | {'█' * max(1, round(bar_width * v / top))} |" for k, v in sorted(sizes.items())]
+        lines.append("")
+    sims = report.get("near_similarity") or {}
+    pairs = report.get("pairs") or {}
+    if pairs or sims:
+        lines += ["## Verification", "", "| | |", "|---|---:|"]
+        lines += [f"| pairs {k} | {v:,} |" for k, v in sorted(pairs.items())]
+        lines += [f"| near-removal similarity {k} | {v} |" for k, v in sims.items()]
+        lines.append("")
+    largest = report.get("largest_clusters") or []
+    if largest:
+        lines += ["## Largest clusters", "", "| size | survivor | cluster | sample members |", "|---:|---|---|---|"]
+        for c in largest:
+            sample = ", ".join(f"`{m}`" for m in c.get("members", [])[:5])
+            lines.append(f"| {c['size']:,} | `{c['survivor']}` | `{c.get('cluster', '')}` | {sample} |")
+    return "\n".join(lines) + "\n"
+
+
+def publish_dedup_report(storage: Any, flow_label: str) -> None:
+    """Publish the dedup cluster report of ``storage`` if the cluster phase has written one."""
+    from shardflow.dataprep.dedup import REPORT_REF
+
+    def run() -> None:
+        if storage.exists(REPORT_REF):
+            publish_markdown(f"{flow_label}-dedup-clusters", dedup_report_markdown(storage.read_json(REPORT_REF)),
+                             "Dedup: cluster sizes and the largest clusters")
+
+    _safe(run)
+
+
 # -- publishing (needs a Prefect run context or API) ---------------------------------------------
 
 def _safe(fn, *args, **kwargs):

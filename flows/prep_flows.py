@@ -195,6 +195,8 @@ def run_stage_tasks(stage: Stage, storage: Storage, cfg: PipelineConfig, runner,
     summary["errors"] = dict(sorted(failed.items()))
     artifacts.publish_table(f"{flow_label}-{stage.name}", table,
                             f"Stage {stage.name}: {len(ran)} shard(s) run, {summary['skipped']} up to date, {len(failed)} failed")
+    if stage.name == "dedup_clusters":
+        artifacts.publish_dedup_report(storage, flow_label)
     logger.info("stage %s: ran %d, up to date %d, failed %d, docs %d -> %d, tokens %d (%.1fs)", stage.name, len(ran),
                 summary["skipped"], len(failed), summary["docs_in"], summary["docs_out"], summary["tokens"], summary["wall_s"])
     return summary
