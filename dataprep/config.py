@@ -151,6 +151,10 @@ class DedupConfig(_Section):
     num_buckets: int = Field(8, ge=1, description="Band buckets are hash-partitioned into this many files (the parallelism of the bucket phase).")
     verify_all_pairs_up_to: int = Field(64, ge=2, description="LSH groups up to this size verify every pair; larger ones pair each member with the group's first verify_window members by survivor rank and its verify_window neighbours in signature order.")
     verify_window: int = Field(16, ge=1, description="Pairs per member in LSH groups larger than verify_all_pairs_up_to (see there).")
+    incremental: Literal["append", "full"] = Field(
+        "append", description="When only new input shards arrived since the last cluster run: 'append' checks just the new "
+        "documents against the kept ones and each other, keeps every earlier decision and writes drop lists for the new "
+        "shards only; 'full' re-clusters everything (an earlier survivor may then lose to a new document).")
 
 
 class TokenizerConfig(_Section):

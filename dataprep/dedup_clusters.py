@@ -48,7 +48,8 @@ from .dedup_common import (BUCKET_DIR, BUCKETS, CLUSTERS, DROP_DIR, EXACT_COLUMN
                            META_KEY, MINHASH_COLUMN, NORMALIZATION_VERSION, REPORT_REF, SIG_DIR, bucket_ids, bucket_ref,
                            check_sig_params, concat, done_records, drop_ref, dumps, key_columns, shard_of_ref, sig_meta,
                            signature_inputs)
-from .dedup_graph import connected_components, group_pairs, signature_similarity, sorted_jaccard, star_clusters
+from .dedup_append import earlier_drops, previous_state, restrict_to_new, write_state
+from .dedup_graph import Groups, connected_components, group_pairs, signature_similarity, sorted_jaccard, star_clusters
 from .dedup_signatures import read_signatures
 from .minhash import MinHasher
 from .stage import ShardOutput, ShardSpec
@@ -56,17 +57,6 @@ from .stage import ShardOutput, ShardSpec
 _HISTOGRAM_CAP = 10
 _REPORT_LARGEST = 10
 _REPORT_MEMBERS = 20
-
-
-@dataclass
-class Groups:
-    """Candidate groups over compact node ids (node = one document: shard ordinal << 32 | idx)."""
-
-    nodes: np.ndarray       # sorted unique node codes (uint64)
-    members: np.ndarray     # node id of each member, groups contiguous
-    starts: np.ndarray      # first member of each group
-    sizes: np.ndarray       # members per group
-    exact: np.ndarray       # the group is an exact-key group
 
 
 @dataclass
@@ -142,20 +132,24 @@ def load_docs(storage: Storage, codes: np.ndarray, sig_refs: list[str], perms: i
     return docs
 
 
-def ranks(docs: Docs) -> np.ndarray:
-    """Rank of each node by (exact key, raw-text hash, id, shard, idx); 0 = kept first."""
+def ranks(docs: Docs, old: np.ndarray | None = None) -> np.ndarray:
+    """Rank of each node by (exact key, raw-text hash, id, shard, idx); 0 = kept first. In append
+    mode documents kept by earlier runs (``old``) come before all new ones."""
     n = len(docs.idx)
     id_rank = np.empty(n, dtype=np.int64)
     id_rank[sorted(range(n), key=docs.ids.__getitem__)] = np.arange(n)
-    order = np.lexsort((docs.idx, docs.shard, id_rank, docs.text_hash, docs.exact))
+    keys = [docs.idx, docs.shard, id_rank, docs.text_hash, docs.exact]
+    if old is not None:
+        keys.append(~old)
+    order = np.lexsort(keys)
     rank = np.empty(n, dtype=np.int64)
     rank[order] = np.arange(n)
     return rank
 
 
 def exact_representatives(docs: Docs, rank: np.ndarray) -> np.ndarray:
-    """The lowest-ranked node with the same exact key, per node (rank sorts by exact key first)."""
-    order = np.argsort(rank)
+    """The lowest-ranked node with the same exact key, per node."""
+    order = np.lexsort((rank, docs.exact))
     ex = docs.exact[order]
     first = np.ones(len(order), dtype=bool)
     first[1:] = ex[1:] != ex[:-1]
@@ -195,13 +189,17 @@ def shingle_sets(storage: Storage, nodes: np.ndarray, docs: Docs, metas: list[di
 
 
 def decide(groups: Groups, docs: Docs, d: DedupConfig, sets_of: Callable[[np.ndarray], dict[int, np.ndarray]],
-           counters: Counter) -> tuple[Decision, np.ndarray]:
+           counters: Counter, old: np.ndarray | None = None) -> tuple[Decision, np.ndarray]:
     """Steps 1–4 of the module docstring. ``sets_of(nodes)`` gives shingle sets for ``verify:
-    exact``. Returns the decision and the candidate pairs' connected-component labels."""
+    exact``. ``old`` (append mode) marks documents kept by earlier runs: they rank before every
+    new document, are fixed centres and are never removed. Returns the decision and the
+    candidate pairs' connected-component labels."""
     n = len(groups.nodes)
     t = d.jaccard_threshold
-    rank = ranks(docs)
+    rank = ranks(docs, old)
     rep = exact_representatives(docs, rank)
+    if old is not None:
+        rep[old] = np.flatnonzero(old)
     near = ~groups.exact
     pairs = group_pairs(groups.starts[near], groups.sizes[near], rep[groups.members], rank, docs.sig,
                         d.verify_all_pairs_up_to, d.verify_window)
@@ -216,7 +214,7 @@ def decide(groups: Groups, docs: Docs, d: DedupConfig, sets_of: Callable[[np.nda
         sets = sets_of(np.unique(pairs[keep])) if keep.any() else {}
         check = lambda a, b: sorted_jaccard(sets[a], sets[b])  # noqa: E731
     edges = pairs[keep]
-    centre, edge, esim = star_clusters(n, rank, edges[:, 0], edges[:, 1], est[keep], check, t)
+    centre, edge, esim = star_clusters(n, rank, edges[:, 0], edges[:, 1], est[keep], check, t, old)
     checked = ~np.isnan(esim)
     counters.update({"pairs.candidate": len(pairs), "pairs.triaged_out": int((~keep).sum()),
                      "pairs.checked": int(checked.sum()), "pairs.verified": int((esim[checked] >= t).sum()),
@@ -279,17 +277,34 @@ class DedupClustersStage:
         counters: Counter = Counter()
 
         groups = load_groups(storage, bucket_refs, self.columns, {s: i for i, s in enumerate(shards)})
+        sigs = {shard_of_ref(r): spec.inputs[r] for r in sig_refs}
+        digest = self.config_digest()
+        prev = previous_state(storage, digest, sigs) if d.incremental == "append" else None
+        old = None
+        if prev is not None:
+            is_new = np.isin((groups.nodes >> np.uint64(32)).astype(np.int64),
+                             [i for i, s in enumerate(shards) if s not in prev["shards"]])
+            groups, is_new = restrict_to_new(groups, is_new, earlier_drops(storage, groups.nodes, shards, prev))
+            old = ~is_new
+        counters["nodes"] = len(groups.nodes)
         perms = d.num_bands * d.rows_per_band if d.near else 0
         docs = load_docs(storage, groups.nodes, sig_refs, perms)
         sets_of = lambda nodes: shingle_sets(storage, nodes, docs, metas, d.ngram)  # noqa: E731
-        decision, components = decide(groups, docs, d, sets_of, counters)
+        decision, components = decide(groups, docs, d, sets_of, counters, old)
 
         outputs: dict[str, str] = {}
-        per_shard = write_drop_lists(storage, shards, metas, docs, decision)
-        outputs.update({f"drops.{s}": drop_ref(s) for s in shards})
-        report = build_report(self.columns, d, metas, docs, decision, components, counters, per_shard)
+        write = [s for s in shards if prev is None or s not in prev["shards"]]
+        per_shard = write_drop_lists(storage, shards, metas, docs, decision, set(write))
+        outputs.update({f"drops.{s}": drop_ref(s) for s in write})
+        if prev is not None:
+            outputs.update({f"drops.{s}": out.ref for s, out in prev["drops"].items()})
+        earlier = prev["dropped_total"] if prev is not None else 0
+        report = build_report(self.columns, d, metas, docs, decision, components, counters, per_shard, earlier)
+        report["mode"] = "append" if prev is not None else "full"
+        report["new_shards"] = write if prev is not None else []
         storage.write_bytes(REPORT_REF, (json.dumps(report, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode())
         outputs["report"] = REPORT_REF
+        outputs["state"] = write_state(storage, digest, sigs, earlier + report["dropped"]["total"])
         return ShardOutput(outputs=outputs, counts=dict(counters))
 
 
@@ -304,13 +319,15 @@ DROP_SCHEMA = pa.schema([("idx", pa.uint32()), ("id", pa.string()), ("kind", pa.
 
 
 def write_drop_lists(storage: Storage, shards: list[str], metas: list[dict[str, Any]], docs: Docs,
-                     decision: Decision) -> dict[str, int]:
-    """One Parquet file per shard, rows sorted by index (see the module docstring, step 5)."""
+                     decision: Decision, only: set[str]) -> dict[str, int]:
+    """One Parquet file per shard in ``only``, rows sorted by index (module docstring, step 5)."""
     drop_nodes = np.flatnonzero(decision.dropped)          # node codes are sorted: by shard, then idx
     bounds = np.searchsorted(docs.shard[drop_nodes], np.arange(len(shards) + 1))
     cluster_ids = {s: cluster_id(docs, s) for s in set(decision.survivor[drop_nodes].tolist())}
     per_shard = {}
     for o, shard in enumerate(shards):
+        if shard not in only:
+            continue
         sel = drop_nodes[bounds[o]:bounds[o + 1]]
         surv = decision.survivor[sel].tolist()
         meta = metas[o]
@@ -331,8 +348,10 @@ def write_drop_lists(storage: Storage, shards: list[str], metas: list[dict[str, 
 
 
 def build_report(columns: list[str], d: DedupConfig, metas: list[dict[str, Any]], docs: Docs, decision: Decision,
-                 components: np.ndarray, counters: Counter, per_shard: dict[str, int]) -> dict[str, Any]:
-    """Cluster-size histogram, largest clusters, similarity quantiles; totals also into ``counters``."""
+                 components: np.ndarray, counters: Counter, per_shard: dict[str, int], earlier: int = 0) -> dict[str, Any]:
+    """Cluster-size histogram, largest clusters, similarity quantiles; totals also into ``counters``.
+    In append mode the clusters are those formed or extended by this run (an earlier centre counts
+    with its new members only) and ``earlier`` documents were removed by earlier runs."""
     n = len(decision.survivor)
     size = np.bincount(decision.survivor, minlength=n)
     centres = np.flatnonzero(size > 1)
@@ -358,7 +377,7 @@ def build_report(columns: list[str], d: DedupConfig, metas: list[dict[str, Any]]
     return {
         "format": FORMAT_VERSION, "columns": columns,
         "verify": d.verify if d.near else None, "jaccard_threshold": d.jaccard_threshold if d.near else None,
-        "shards": len(metas), "docs": n_docs, "kept": n_docs - n_drop,
+        "shards": len(metas), "docs": n_docs, "kept": n_docs - n_drop - earlier, "dropped_earlier": earlier,
         "clusters": len(sizes), "docs_in_clusters": int(sizes.sum()),
         "dropped": {"total": n_drop, "exact": n_exact, "near": n_drop - n_exact},
         "cluster_sizes": {str(k): v for k, v in sorted(hist.items())},

@@ -30,6 +30,7 @@ SIGNATURES, BUCKETS, CLUSTERS, FILTER = "dedup_signatures", "dedup_buckets", "de
 GLOBAL_SHARD = "_all"
 SIG_DIR, BUCKET_DIR, DROP_DIR = "dedup/signatures", "dedup/buckets", "dedup/drops"
 REPORT_REF = "dedup/clusters_report.json"
+STATE_REF = "dedup/state.json"
 EXACT_COLUMN = "exact"
 MINHASH_COLUMN = "minhash"
 META_KEY = b"shardflow.dedup"

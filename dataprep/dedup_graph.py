@@ -15,12 +15,24 @@ interact, so components are independent units of work.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
 _PAIR_CHUNK = 1 << 18
 _SORT_COLUMNS = 8
 """Leading signature values that order a large group (documents sharing them are adjacent)."""
+
+
+@dataclass
+class Groups:
+    """Candidate groups over compact node ids (node = one document: shard ordinal << 32 | idx)."""
+
+    nodes: np.ndarray       # sorted unique node codes (uint64)
+    members: np.ndarray     # node id of each member, groups contiguous
+    starts: np.ndarray      # first member of each group
+    sizes: np.ndarray       # members per group
+    exact: np.ndarray       # the group is an exact-key group
 
 
 def connected_components(n: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -113,8 +125,8 @@ def sorted_jaccard(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def star_clusters(n: int, rank: np.ndarray, u: np.ndarray, v: np.ndarray, weight: np.ndarray | None = None,
-                  check: Callable[[int, int], float] | None = None,
-                  threshold: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  check: Callable[[int, int], float] | None = None, threshold: float = 0.0,
+                  fixed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Greedy star clustering of ``n`` nodes with distinct ``rank`` over candidate edges ``u``–``v``.
 
     Edges are visited by decreasing ``weight`` (their estimated similarity; ties by the ranks of
@@ -125,7 +137,8 @@ def star_clusters(n: int, rank: np.ndarray, u: np.ndarray, v: np.ndarray, weight
     ``check(a, b)`` gives the pair's true similarity and the edge is used only if it is at least
     ``threshold`` (lazy verification: edges whose ends are already settled are never checked,
     which on dense templated families skips most of them). Nodes left unclaimed are centres.
-    Most-similar pairs first means a document joins the most similar centre available — a copy
+    ``fixed`` marks nodes that are centres from the start (documents kept by an earlier run, in
+    append mode): they claim but are never claimed. Most-similar pairs first means a document joins the most similar centre available — a copy
     stays with its original instead of the original being taken by a template sibling that only
     shares boilerplate with it.
 
@@ -147,6 +160,9 @@ def star_clusters(n: int, rank: np.ndarray, u: np.ndarray, v: np.ndarray, weight
     lo, hi = np.where(lower, u, v), np.where(lower, v, u)
     order = np.lexsort((rank[hi], rank[lo], -weight))
     role = bytearray(n)                       # 0 unclaimed, 1 centre, 2 member
+    if fixed is not None:
+        for x in np.flatnonzero(fixed).tolist():
+            role[x] = 1
     cen = centre.tolist()
     edg = edge.tolist()
     for e, a, b in zip(order.tolist(), lo[order].tolist(), hi[order].tolist()):
