@@ -6,7 +6,7 @@ dedup, depend on real document length and vocabulary distributions that generate
 Why a side file: MinHash quality is measured against known pairs at known edit rates, and the
 records themselves stay unlabelled so that no stage can cheat.
 
-It reuses the extraction code of ``tools/demo_corpus/build.py`` (the demo corpus is a small,
+It reuses the extraction code of the demo corpus builder, ``tools/demo_corpus/`` (the demo corpus is a small,
 permissively licensed slice of the same sources) and adds more Debian documentation packages.
 
 Debian packages it reads (Debian 12 / bookworm, all in main)::
@@ -47,8 +47,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root: tools/ is not installed
 
-from tools.demo_corpus.build import (  # noqa: E402
-    DEFAULT_SKIP_CLASSES,
+from tools.demo_corpus.blocks import DEFAULT_SKIP_CLASSES  # noqa: E402
+from tools.demo_corpus.plant import plant_near_duplicates  # noqa: E402
+from tools.demo_corpus.sources import (  # noqa: E402
     DEMO_SOURCES,
     Doc,
     MissingPackageError,
@@ -56,7 +57,6 @@ from tools.demo_corpus.build import (  # noqa: E402
     extract_file,
     hash_order,
     package_version,
-    plant_near_duplicates,
     sha1_hex,
     source_files,
 )

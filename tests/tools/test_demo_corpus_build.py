@@ -1,4 +1,4 @@
-"""The demo corpus builder (tools/demo_corpus/build.py): its extraction helpers, the provenance it
+"""The demo corpus builder (tools/demo_corpus/): its extraction helpers, the provenance it
 writes, and (slow, where the recorded package versions are installed) a byte-identical rebuild.
 
 The builder is tooling outside the installed package; it is imported from the repository root,
@@ -13,7 +13,8 @@ import shutil
 import pytest
 
 from shardflow.dataprep.demo_corpus import DEMO_CORPUS_PATH, PROVENANCE_PATH, read_demo_corpus
-from tools.demo_corpus import build as dc
+from tools.demo_corpus import blocks as bk
+from tools.demo_corpus import build, plant, sources, text_formats
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def test_near_duplicates(records):
     by_id = {r["id"]: r for r in records}
     near = [r for r in records if r["meta"].get("planted") == "near_dup"]
     assert len(near) >= 0.015 * len(records)
-    assert {r["meta"]["edit_rate"] for r in near} == set(dc.NEAR_DUP_RATES)
+    assert {r["meta"]["edit_rate"] for r in near} == set(build.NEAR_DUP_RATES)
     for r in near:
         orig = by_id[r["meta"]["dup_of"]]
         assert r["text"] != orig["text"]
@@ -53,7 +54,7 @@ def test_sources_are_documented_in_provenance(records):
     prov = PROVENANCE_PATH.read_text(encoding="utf-8")
     table = re.findall(r"^\| ([a-z0-9][a-z0-9.+-]+) \| ([^|]+) \|", prov, flags=re.M)
     listed = {pkg for pkg, _ in table}
-    assert set(dc.DEMO_PACKAGES) <= listed
+    assert set(sources.DEMO_PACKAGES) <= listed
     assert {r["source"].split("/", 1)[0] for r in records} <= listed
     assert "python tools/demo_corpus/build.py build" in prov
 
@@ -74,7 +75,7 @@ PAGE = """<html><head><title>T</title><script>var x = 1;</script></head><body>
 
 
 def test_html_to_blocks_keeps_content_only():
-    blocks = dc.html_to_blocks(PAGE, main=("role", "main"))
+    blocks = bk.html_to_blocks(PAGE, main=("role", "main"))
     assert blocks == [
         ("h", "Title", 1),
         ("p", "First paragraph spans lines.", 0),
@@ -84,21 +85,21 @@ def test_html_to_blocks_keeps_content_only():
         ("h", "Second", 2),
         ("p", "More text & entities.", 0),
     ]
-    assert dc.html_fragment_text(PAGE, "class", "footer") == "© footer"
+    assert bk.html_fragment_text(PAGE, "class", "footer") == "© footer"
 
 
 def test_split_blocks_bounds_sizes():
     para = ("p", "word " * 400, 0)
     blocks = [("h", "A", 1), para, ("h", "B", 2)] + [para] * 30 + [("h", "C", 2), ("p", "x", 0)]
-    docs = dc.split_blocks(blocks, split_level=2)
-    assert docs[0].startswith("A") and all(len(d.encode()) <= dc.MAX_DOC_BYTES for d in docs)
+    docs = bk.split_blocks(blocks, split_level=2)
+    assert docs[0].startswith("A") and all(len(d.encode()) <= bk.MAX_DOC_BYTES for d in docs)
     assert "".join(docs).count("word") == 31 * 400
 
 
 def test_near_duplicate_is_deterministic_and_bounded():
     text = " ".join(f"w{i % 97} alpha beta" for i in range(300))
-    a, ra = dc.make_near_duplicate(text, 0.03, dc.seeded_rng("x"))
-    b, rb = dc.make_near_duplicate(text, 0.03, dc.seeded_rng("x"))
+    a, ra = plant.make_near_duplicate(text, 0.03, plant.seeded_rng("x"))
+    b, rb = plant.make_near_duplicate(text, 0.03, plant.seeded_rng("x"))
     assert a == b and ra == rb and a != text
     assert 0.02 <= ra <= 0.04
 
@@ -106,13 +107,13 @@ def test_near_duplicate_is_deterministic_and_bounded():
 def test_man_and_pod_readers():
     man = ('.TH LS 1\n.SH NAME\nls \\- list directory contents\n.SH DESCRIPTION\n'
            '.B ls\nlists \\fIfiles\\fR.\n.PP\nSecond para.\n')
-    assert dc.man_to_blocks(man) == [("h", "LS(1)", 1), ("h", "NAME", 2),
+    assert text_formats.man_to_blocks(man) == [("h", "LS(1)", 1), ("h", "NAME", 2),
                                      ("p", "ls - list directory contents", 0),
                                      ("h", "DESCRIPTION", 2), ("p", "ls lists files.", 0),
                                      ("p", "Second para.", 0)]
-    assert dc.man_to_blocks(".so man3/other.3\n") == []
+    assert text_formats.man_to_blocks(".so man3/other.3\n") == []
     pod = "=head1 NAME\n\nperlfoo - B<bold> and C<< $a->b >>\n\n    verbatim\n\n=cut\n\nignored\n"
-    assert dc.pod_to_blocks(pod) == [("h", "NAME", 1), ("p", "perlfoo - bold and $a->b", 0),
+    assert text_formats.pod_to_blocks(pod) == [("h", "NAME", 1), ("p", "perlfoo - bold and $a->b", 0),
                                      ("pre", "verbatim", 0)]
 
 
@@ -122,16 +123,16 @@ def test_rebuild_is_byte_identical(tmp_path):
     if shutil.which("dpkg-query") is None:
         pytest.skip("not a Debian system")
     prov = PROVENANCE_PATH.read_text(encoding="utf-8")
-    for pkg in dc.DEMO_PACKAGES:
+    for pkg in sources.DEMO_PACKAGES:
         m = re.search(rf"^\| {re.escape(pkg)} \| ([^|]+) \|", prov, flags=re.M)
         try:
-            installed = dc.package_version(pkg)
-        except dc.MissingPackageError:
+            installed = sources.package_version(pkg)
+        except sources.MissingPackageError:
             pytest.skip(f"{pkg} not installed")
         if m is None or m.group(1).strip() != installed:
             pytest.skip(f"{pkg} {installed} differs from the recorded version")
     target = float(re.search(r"--target-mb (\S+)`", prov).group(1))
     out = tmp_path / "demo_corpus.jsonl.zst"
-    dc.build_demo_corpus(out, target, tmp_path / "PROVENANCE.md")
+    build.build_demo_corpus(out, target, tmp_path / "PROVENANCE.md")
     assert out.read_bytes() == DEMO_CORPUS_PATH.read_bytes()
     assert (tmp_path / "PROVENANCE.md").read_text(encoding="utf-8") == prov
