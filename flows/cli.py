@@ -86,8 +86,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_export_hf(args: argparse.Namespace) -> int:
     from shardflow.train.export import export_checkpoint
 
+    from shardflow.storage.lock import RootLock
+
     cfg = _load(args)
-    out = export_checkpoint(cfg.train, cfg.storage_handle(), checkpoint=args.checkpoint, out_dir=args.out)
+    storage = cfg.storage_handle()
+    # The lock keeps training and pruning off the checkpoint while it is read (and the export's
+    # provenance true); like every entry point that touches a root, it takes it.
+    with RootLock(storage, purpose=f"shardflow export-hf {cfg.train.run}", wait_s=cfg.flows.lock_wait_s,
+                  ttl_s=cfg.flows.lock_ttl_s):
+        out = export_checkpoint(cfg.train, storage, checkpoint=args.checkpoint, out_dir=args.out)
     print(f"exported to {out}")
     return 0
 
@@ -173,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     args = build_parser().parse_args(argv)
+    from shardflow.storage.lock import LockHeld, LockUnsupported
+
     from .config import ConfigError
 
     try:
@@ -180,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except (LockHeld, LockUnsupported) as exc:  # commands that lock outside a flow (export-hf)
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

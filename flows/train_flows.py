@@ -149,7 +149,10 @@ def eval_flow(config: PipelineConfig | None = None, config_path: str | None = No
         return {"ok": True, "skipped": True}
     from shardflow.train.evaluate import run_evaluation
 
-    result = run_evaluation(cfg.train, cfg.eval, cfg.storage_handle(), checkpoint or cfg.eval.checkpoint)
+    storage = cfg.storage_handle()
+    # Evaluation writes under runs/<run>/eval/: it holds the root lock like every writer.
+    with RootLock(storage, purpose=f"shardflow eval {cfg.train.run}", wait_s=cfg.flows.lock_wait_s, ttl_s=cfg.flows.lock_ttl_s):
+        result = run_evaluation(cfg.train, cfg.eval, storage, checkpoint or cfg.eval.checkpoint)
     artifacts.publish_eval(result, cfg.train.run)
     logger.info("evaluation of run %r: %s", cfg.train.run, json.dumps(result.get("results", {}), default=str)[:2000])
     return {"ok": True, "results": result.get("results", {}), "files": list(result.get("files", []))}

@@ -29,7 +29,7 @@ class RunLease:
 
     def __init__(self, storage: Storage, run: str, env: DistEnv, ttl_s: float = LEASE_TTL_S):
         self.env = env
-        self.lock = RootLock(storage, purpose=f"trainer of run {run}", ttl_s=ttl_s, ref=f"{run_ref(run)}/{LEASE_NAME}",
+        self.lock = RootLock(storage, purpose="trainer", ttl_s=ttl_s, ref=f"{run_ref(run)}/{LEASE_NAME}",
                              what=f"training run {run!r} ({storage.uri(run_ref(run))})", sweep=False) if env.is_main else None
 
     def acquire(self) -> "RunLease":

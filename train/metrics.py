@@ -56,6 +56,7 @@ class MetricsLog:
         self._f = None
         self._spool_dir: str | None = None
         self.lines = 0
+        self.fence: Any = None  # raises once the run lease is lost: a stale trainer never uploads its log
 
     def _path(self) -> str:
         if self._local:
@@ -108,10 +109,12 @@ class MetricsLog:
         if not self.enabled or self._f is None:
             return
         self._f.flush()
-        if self._local:
+        if self._local:  # appends of a stale trainer land in the file a successor has replaced: harmless
             if durable:
                 os.fsync(self._f.fileno())
         else:
+            if self.fence is not None:
+                self.fence()
             self.storage.put_file(self._path(), self.ref)
 
     def close(self) -> None:

@@ -388,7 +388,7 @@ def train(cfg: TrainConfig, storage: Storage | StorageConfig, *, max_steps: int 
     try:
         with RunLease(storage, cfg.run, env) as lease, _deterministic(cfg.trainer.deterministic, env.device):
             trainer = Trainer(cfg, storage, env)
-            trainer.checkpointer.fence = lease.fence  # one trainer per run; a lost lease publishes nothing
+            trainer.checkpointer.fence = trainer.metrics.fence = lease.fence  # a lost lease publishes nothing
             return trainer.fit(max_steps=max_steps)
     finally:
         teardown(env)
