@@ -157,3 +157,64 @@ def test_every_good_record_reaches_the_clean_output(bad_run):
     report("bad_input", good_records=len(good_ids), kept=len(out_ids),
            quarantined=sum(v for k, v in counts.items() if k.startswith("quarantined.")),
            reasons={k.split(".", 1)[1]: v for k, v in sorted(counts.items()) if k.startswith("quarantined.")})
+
+
+# -- decompression bombs and size claims -----------------------------------------------------------
+
+BOMB = 256 << 20  # one line expanding to 256 MiB (bench/decompression_bomb.py runs the 4 GB one)
+
+
+def test_zstd_and_gzip_bombs_are_quarantined_in_bounded_memory(tmp_path):
+    """A line that expands to 256 MiB, in a .zst and in a .gz: the clean stage (in a fresh interpreter,
+    so its peak RSS is its own) quarantines each as too_long with a bounded excerpt, keeps the good
+    records on both sides, and never holds more than a few decompressed MiB at once."""
+    import subprocess
+    import sys
+
+    from . import REPO_ROOT, child_env
+    from .bombs import write_bomb
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in ("bomb.jsonl.zst", "bomb.jsonl.gz"):
+        assert write_bomb(inputs / name, BOMB) == BOMB
+        assert (inputs / name).stat().st_size < BOMB // 500  # a real bomb: tiny on disk
+    out = subprocess.run([sys.executable, "-m", "tests.reliability.bombs", str(tmp_path / "root"), str(inputs / "*")],
+                         env=child_env(), cwd=str(REPO_ROOT), capture_output=True, timeout=600)
+    assert out.returncode == 0, out.stderr.decode()[-3000:]
+    res = json.loads(out.stdout.decode().strip().splitlines()[-1])
+    assert res["failed"] == {}
+    assert sorted((Path(q["file"]).name, q["line"], q["reason"]) for q in res["quarantined"]) == [
+        ("bomb.jsonl.gz", 2, "too_long"), ("bomb.jsonl.zst", 2, "too_long")]
+    assert all(q["excerpt_bytes"] <= 4096 for q in res["quarantined"])
+    assert res["kept"] == ["after", "after", "before", "before"]
+    # Before bounding, the zstd reader held the whole line's decompressed output (867 MB peak, 93 s).
+    assert res["peak_rss_mb"] < 400, res
+    report("decompression_bombs", line_bytes=BOMB, peak_rss_mb=res["peak_rss_mb"], wall_s=res["wall_s"])
+
+
+def test_tar_member_claiming_a_huge_size_is_refused_before_reading(tmp_path):
+    """A foreign shard whose member header claims 1 TiB (a real header, GNU base-256 size field):
+    the loader's scan refuses it from the header alone, naming the shard and the member."""
+    import tarfile
+
+    from shardflow.storage.shards import MAX_MEMBER_BYTES
+    from shardflow.train.data import ShardDataError, build_index
+
+    info = tarfile.TarInfo("000000.tokens.npy")
+    info.size = 1 << 40
+    body = info.tobuf(tarfile.GNU_FORMAT, "utf-8", "strict") + b"\x93NUMPY" + b"\0" * 506
+    shard = tmp_path / "root" / "foreign" / "claims.tar"
+    shard.parent.mkdir(parents=True)
+    shard.write_bytes(body + b"\0" * 1024)
+    assert tarfile.TarInfo.frombuf(body[:512], "utf-8", "surrogateescape").size == 1 << 40
+    storage = Storage(str(tmp_path / "root"))
+    with pytest.raises(ShardDataError, match=rf"claims\.tar member '000000\.tokens\.npy': claims {1 << 40} bytes, "
+                                             rf"over the {MAX_MEMBER_BYTES}-byte limit.*refused before reading"):
+        build_index(storage, "foreign/*.tar")
+    # Within the limit but past the end of the file: refused the same way.
+    info.size = 1 << 20
+    shard.write_bytes(info.tobuf(tarfile.GNU_FORMAT, "utf-8", "strict") + b"\0" * 1536)
+    with pytest.raises(ShardDataError, match="past the end of the 2048-byte shard"):
+        build_index(storage, "foreign/*.tar")
+    report("tar_size_claims", refused=2)
