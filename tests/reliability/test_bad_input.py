@@ -164,6 +164,7 @@ def test_every_good_record_reaches_the_clean_output(bad_run):
 BOMB = 256 << 20  # one line expanding to 256 MiB (bench/decompression_bomb.py runs the 4 GB one)
 
 
+@pytest.mark.timeout(300)
 def test_zstd_and_gzip_bombs_are_quarantined_in_bounded_memory(tmp_path):
     """A line that expands to 256 MiB, in a .zst and in a .gz: the clean stage (in a fresh interpreter,
     so its peak RSS is its own) quarantines each as too_long with a bounded excerpt, keeps the good

@@ -47,6 +47,7 @@ def _files_holding(root: Path, needles: list[bytes]) -> list[str]:
     return found
 
 
+@pytest.mark.timeout(300)
 @pytest.mark.usefixtures("prefect_server")
 def test_sigkilled_train_launcher_leaves_no_rank_and_no_credential(tmp_path, s3_endpoint, s3_bucket):
     import boto3

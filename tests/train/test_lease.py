@@ -22,6 +22,7 @@ def data_root(tmp_path_factory) -> Storage:
     return storage
 
 
+@pytest.mark.timeout(300)
 def test_a_second_trainer_on_a_live_run_is_refused_clearly(data_root: Storage, tmp_path):
     cfg = tiny_cfg("busy", trainer={"steps": 100_000, "log_every": 1}, checkpoint={"every_steps": 1000})
     first = launch(cfg, data_root, 1, tmp_path)  # python -m shardflow.train: root lock + run lease

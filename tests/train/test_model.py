@@ -139,7 +139,8 @@ def test_too_long_sequence_is_an_error():
         model(torch.zeros(1, 33, dtype=torch.long))
 
 
-@pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
+@pytest.mark.slow  # ~40 s of torch.compile on 2 cores; the traced dropless loop itself is checked eagerly
+@pytest.mark.parametrize("dispatch", ["dropless", "capacity"])  # in test_moe.py (is_compiling patched)
 def test_compiled_blocks_match_eager(dispatch):
     """``trainer.compile`` compiles each block; the compiled model must train like the eager one.
 
