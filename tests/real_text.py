@@ -3,26 +3,22 @@
 Why the shipped corpus and not the machine's files (``/usr/share/common-licenses``, package
 copyright files, man pages): those differ between machines, so counts a test expects (examples,
 samples, accuracies) would too. The demo corpus is the same bytes everywhere; see its
-``PROVENANCE.md`` for its sources and licences. It is read with the project's own JSONL reader.
+``PROVENANCE.md`` for its sources and licences. It is read with the demo corpus reader.
 """
 from __future__ import annotations
 
 import functools
 import json
 
-from shardflow.dataprep.demo_corpus import demo_corpus_path
-from shardflow.storage import Storage
-from shardflow.storage.jsonl import iter_lines
+from shardflow.dataprep.demo_corpus import demo_corpus_lines
 
 
 @functools.lru_cache(maxsize=1)
 def demo_records() -> tuple[dict, ...]:
     """The valid English records of the demo corpus, in file order (its planted malformed lines and
     its few non-English documents are left out)."""
-    path = demo_corpus_path()
-    storage = Storage(str(path.parent))
     out = []
-    for _, raw in iter_lines(storage, path.name):
+    for raw in demo_corpus_lines():
         try:
             rec = json.loads(raw)
         except ValueError:
