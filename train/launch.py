@@ -110,14 +110,19 @@ def torchrun_command(config_json: str, nproc_per_node: int, *, python: str | Non
     return cmd + [*torchrun_args, "-m", "shardflow.train", "--config-json", config_json, *extra]
 
 
-def _prctl_pdeathsig(sig: int) -> bool:
+def _prctl():
+    """libc's ``prctl``, resolved here (never between fork and exec, where ``dlopen`` may deadlock)."""
     if not sys.platform.startswith("linux"):
-        return False
+        return None
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+        return ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
-        return False
+        return None
+
+
+def _prctl_pdeathsig(sig: int) -> bool:
+    prctl = _prctl()
+    return prctl is not None and prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
 
 
 def die_with_parent(sig: int = signal.SIGTERM):
@@ -125,12 +130,14 @@ def die_with_parent(sig: int = signal.SIGTERM):
 
     (Linux counts the *thread* that started the child as its parent: start it from a thread that
     waits for it, as ``launch_torchrun`` does.) If the parent is already gone by the time the child
-    runs, the child exits at once.
+    runs, the child exits at once. ``prctl`` is looked up before the fork.
     """
     parent = os.getpid()
+    prctl = _prctl()
 
     def preexec() -> None:
-        _prctl_pdeathsig(sig)
+        if prctl is not None:
+            prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
         if os.getppid() != parent:
             os._exit(1)
 

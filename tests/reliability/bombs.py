@@ -44,8 +44,21 @@ def write_bomb(path: Path, size: int) -> int:
     return len(head) + runs * _RUN + rest + len(tail)
 
 
+def peak_rss_kb() -> int:
+    """This process's peak RSS since its ``exec`` (``VmHWM``). Not ``ru_maxrss``: Linux carries that
+    over from the parent a subprocess was forked from, so a child of a large pytest would report
+    the parent's size."""
+    try:
+        for line in open("/proc/self/status", encoding="ascii"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def run_clean(root: str, inputs_glob: str) -> dict:
-    """Run the clean stage (read + clean) here; its peak RSS, wall time and what it quarantined."""
+    """Run the clean stage (read + clean) here, in one process; its peak RSS, wall time and what it quarantined."""
     from shardflow.dataprep.config import PrepConfig
     from shardflow.dataprep.stage import run_stage
     from shardflow.dataprep.stages import build_stages
@@ -61,8 +74,7 @@ def run_clean(root: str, inputs_glob: str) -> dict:
                    for q in iter_jsonl(storage, f"quarantine/clean/{name}")]
     kept = [d["id"] for name in storage.list("stages/clean", suffix=".jsonl.zst")
             for d in iter_jsonl(storage, f"stages/clean/{name}")]
-    rss = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
-    return {"failed": res["failed"], "wall_s": round(wall, 2), "peak_rss_mb": round(rss / 1024, 1),
+    return {"failed": res["failed"], "wall_s": round(wall, 2), "peak_rss_mb": round(peak_rss_kb() / 1024, 1),
             "quarantined": [{k: q[k] for k in ("file", "line", "reason")} | {"excerpt_bytes": len(q["excerpt"].encode())}
                             for q in quarantined], "kept": sorted(kept)}
 
