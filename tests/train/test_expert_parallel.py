@@ -178,3 +178,28 @@ def test_ep2_run_sigkilled_then_resumed_at_ep1_trains_like_ep1(data_root: Storag
     assert summary["start_step"] == 5 and summary["step"] == STEPS
     log = read_metrics(data_root, metrics_ref("ep2-kill"))
     assert_same_training(log, ep1_reference, range(1, STEPS + 1))
+
+
+@pytest.mark.slow
+def test_ep2_uninterrupted_20_steps_equal_ep1(data_root: Storage, ep1_reference, tmp_path):
+    summary = finish(launch(tiny_cfg("ep2-full", trainer={"expert_parallel": 2}), data_root, 2, tmp_path))
+    assert summary["step"] == STEPS
+    assert_same_training(read_metrics(data_root, metrics_ref("ep2-full")), ep1_reference, range(1, STEPS + 1))
+
+
+@pytest.mark.slow
+def test_ep_checkpoints_reshard_across_ep_and_dp_degrees(data_root: Storage, tmp_path):
+    """EP=2 dp=1 → EP=4 dp=1 → EP=2 dp=2, each resuming the last one's DCP checkpoint, trains like the
+    same sequence of process counts at EP=1 (same samples; the world size changes the per-step batch)."""
+    def run(name: str, plan: list[tuple[int, int, int]]) -> list[dict]:
+        for nproc, ep, until in plan:
+            cfg = tiny_cfg(name, trainer={"expert_parallel": ep})
+            summary = finish(launch(cfg, data_root, nproc, tmp_path, extra=["--max-steps", str(until)]))
+            assert summary["step"] == until and summary["world_size"] == nproc
+        return read_metrics(data_root, metrics_ref(name))
+
+    ep_log = run("ep-reshard", [(2, 2, 8), (4, 4, 14), (4, 2, STEPS)])
+    ref_log = run("ep1-reshard", [(2, 1, 8), (4, 1, 14), (4, 1, STEPS)])
+    assert_same_training(ep_log, ref_log, range(1, STEPS + 1))
+    ck = Checkpointer(data_root, "ep-reshard")
+    assert read_meta(data_root, ck.step_ref(STEPS))["expert_parallel"] == 2
