@@ -17,7 +17,7 @@ Safety: under torchrun each rank dies with its parent (no orphans keep training 
 is killed); rank 0 takes the dataset root's lock unless its launcher holds it
 (``SHARDFLOW_ROOT_LOCK_HELD``), and the run's lease (``runs/<run>/_lease.json``, train/lease.py).
 
-Rank 0 prints the run summary as one JSON line (last line of stdout). Exit status: 0 done,
+Rank 0 of each node prints the run summary as one JSON line (last line of stdout). Exit status: 0 done,
 1 training failed, 2 invalid configuration or data, 3 the root or the run is held by another run
 (or this run lost its lease).
 """
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     except LockHeld as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
-    if int(os.environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # rank 0 of each node: every node's launcher gets it
         print(json.dumps(summary, sort_keys=True), flush=True)
     return 0
 

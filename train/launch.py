@@ -110,6 +110,32 @@ def torchrun_command(config_json: str, nproc_per_node: int, *, python: str | Non
     return cmd + [*torchrun_args, "-m", "shardflow.train", "--config-json", config_json, *extra]
 
 
+def rendezvous_args(nnodes: int = 1, node_rank: int = 0, rdzv_endpoint: str | None = None,
+                    rdzv_id: str | None = None) -> list[str]:
+    """torchrun options joining node ``node_rank`` of ``nnodes`` through the c10d rendezvous; [] for one node.
+
+    Every node runs the same launch with its own ``node_rank``; ``rdzv_endpoint`` (``HOST:PORT``,
+    the same on every node) is where the c10d store runs: on the node whose address it names,
+    started by that node's torchrun, so no separate service is needed. ``rdzv_id`` names the job
+    (equal on all nodes, different for concurrent jobs sharing an endpoint). Ranks are numbered
+    node by node, ``nproc_per_node`` consecutive ranks per node, so EP groups of up to
+    ``nproc_per_node`` ranks stay inside a node.
+    """
+    if nnodes < 1:
+        raise ValueError(f"--nnodes must be >= 1, got {nnodes}")
+    if not 0 <= node_rank < nnodes:
+        raise ValueError(f"--node-rank must be in [0, {nnodes}), got {node_rank}")
+    if nnodes == 1:
+        return []
+    host, sep, port = (rdzv_endpoint or "").rpartition(":")
+    if not (rdzv_endpoint and sep and host and port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT (the same on every node), got {rdzv_endpoint!r}")
+    if rdzv_id is not None and not rdzv_id.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise ValueError(f"--rdzv-id must be letters, digits, '-', '_' or '.', got {rdzv_id!r}")
+    return [f"--nnodes={nnodes}", f"--node-rank={node_rank}", "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={rdzv_id or 'shardflow'}"]
+
+
 def _prctl():
     """libc's ``prctl``, resolved here (never between fork and exec, where ``dlopen`` may deadlock)."""
     if not sys.platform.startswith("linux"):
@@ -164,5 +190,5 @@ def exit_with_parent(poll_s: float = 1.0) -> None:
     threading.Thread(target=watch, name="shardflow-parent-watch", daemon=True).start()
 
 
-__all__ = ["CREDENTIALS_ENV", "LAUNCHER_LOCK_ENV", "credentials_env", "die_with_parent", "exit_with_parent",
+__all__ = ["CREDENTIALS_ENV", "LAUNCHER_LOCK_ENV", "credentials_env", "rendezvous_args", "die_with_parent", "exit_with_parent",
            "storage_with_credentials", "torchrun_command", "write_launch_config"]

@@ -17,6 +17,7 @@ from shardflow.train.config import TrainConfig
 from shardflow.train.metrics import read_metrics
 from shardflow.train.distributed import DistEnv, set_grad_sync, wrap_model
 from shardflow.train.expert_parallel import check_degree, clip_grad_norm, state_of
+from shardflow.train.launch import rendezvous_args, torchrun_command
 from shardflow.train.model import MoETransformer
 
 from .test_trainer import (
@@ -203,3 +204,33 @@ def test_ep_checkpoints_reshard_across_ep_and_dp_degrees(data_root: Storage, tmp
     assert_same_training(ep_log, ref_log, range(1, STEPS + 1))
     ck = Checkpointer(data_root, "ep-reshard")
     assert read_meta(data_root, ck.step_ref(STEPS))["expert_parallel"] == 2
+
+
+# -- multi-node: two "nodes" of 2 processes on 127.0.0.1 through torchrun's c10d rendezvous ------------
+
+@pytest.mark.slow  # ~60 s: two 4-rank launches
+def test_two_nodes_through_c10d_rendezvous_train_exactly_as_one_node_of_four(data_root: Storage, tmp_path):
+    steps = ["--max-steps", "6"]
+    one = finish(launch(tiny_cfg("node1x4", trainer={"expert_parallel": 2}), data_root, 4, tmp_path, extra=steps))
+    cfg = tiny_cfg("node2x2", trainer={"expert_parallel": 2})
+    endpoint = f"127.0.0.1:{free_port()}"
+    nodes = [launch(cfg, data_root, 2, tmp_path, extra=steps,
+                    torchrun_args=rendezvous_args(2, r, endpoint, "node2x2-test")) for r in (0, 1)]
+    summaries = [finish(p) for p in nodes]  # rank 0 of each node prints the summary
+    assert [s["world_size"] for s in summaries] == [4, 4] and one["world_size"] == 4
+    a, b = read_metrics(data_root, metrics_ref("node1x4")), read_metrics(data_root, metrics_ref("node2x2"))
+    assert [r["step"] for r in b] == list(range(1, 7))
+    for key in ("loss", "aux_loss", "z_loss", "grad_norm", "tokens", "expert_tokens"):
+        assert [r[key] for r in b] == [r[key] for r in a], key
+
+
+def test_rendezvous_args_validate_and_build_torchrun_options():
+    assert rendezvous_args() == []
+    args = rendezvous_args(2, 1, "node0.svc:29400", "job-7")
+    assert args == ["--nnodes=2", "--node-rank=1", "--rdzv-backend=c10d", "--rdzv-endpoint=node0.svc:29400", "--rdzv-id=job-7"]
+    cmd = torchrun_command("/x/launch.json", 8, torchrun_args=args)
+    assert "--standalone" not in cmd and cmd[cmd.index("-m", 3) - 1] == "--rdzv-id=job-7"
+    for bad, match in [((2, 0, None), "needs --rdzv-endpoint"), ((2, 0, "host"), "HOST:PORT"), ((2, 2, "h:1"), "node-rank"),
+                       ((0, 0, None), "nnodes")]:
+        with pytest.raises(ValueError, match=match):
+            rendezvous_args(*bad)

@@ -122,15 +122,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(cfg: TrainConfig, storage: Storage, nproc: int, tmp: Path, extra: list[str] | None = None) -> subprocess.Popen:
-    """``python -m shardflow.train`` (nproc=1) or torchrun (nproc>1) in a new session, one thread per rank."""
+def launch(cfg: TrainConfig, storage: Storage, nproc: int, tmp: Path, extra: list[str] | None = None,
+           torchrun_args: list[str] | None = None) -> subprocess.Popen:
+    """``python -m shardflow.train`` (nproc=1) or torchrun (nproc>1) in a new session, one thread per rank.
+
+    ``torchrun_args`` (e.g. a multi-node rendezvous) replace the default 127.0.0.1 master port."""
     launch_dir = tmp / f"launch-{cfg.run}-{time.monotonic_ns()}"
     launch_dir.mkdir()
     path = write_launch_config(cfg, storage.config, str(launch_dir))
     if nproc == 1:
         cmd = [sys.executable, "-m", "shardflow.train", "--config-json", path, *(extra or [])]
     else:
-        cmd = torchrun_command(path, nproc, master_port=free_port(), extra=extra)
+        cmd = torchrun_command(path, nproc, master_port=None if torchrun_args else free_port(),
+                               torchrun_args=torchrun_args, extra=extra)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
 
