@@ -71,7 +71,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train_flows import run_train
 
     cfg = _load(args)
-    result = run_train(cfg, nproc=args.nproc, evaluate=not args.no_eval)
+    result = run_train(cfg, nproc=args.nproc, evaluate=not args.no_eval, nnodes=args.nnodes, node_rank=args.node_rank,
+                       rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id)
     return 0 if result.get("ok", True) else 1
 
 
@@ -157,6 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train the MoE model from the shards (launches torchrun when --nproc > 1)")
     p.add_argument("--nproc", type=int, default=1, help="processes (torchrun --nproc_per_node)")
     p.add_argument("--no-eval", action="store_true", help="do not run evaluation after training")
+    p.add_argument("--nnodes", type=int, default=1, help="nodes of a multi-node run (each runs this command with its --node-rank)")
+    p.add_argument("--node-rank", type=int, default=0,
+                   help="this node's index; node 0 runs the Prefect flow (lock, artifacts, evaluation), the others only join")
+    p.add_argument("--rdzv-endpoint", metavar="HOST:PORT",
+                   help="torchrun c10d rendezvous store, the same on every node (default $SHARDFLOW_RDZV_ENDPOINT)")
+    p.add_argument("--rdzv-id", help="job id shared by the nodes (default $SHARDFLOW_RDZV_ID, else the run name)")
     _add_config_args(p)
     p.set_defaults(func=cmd_train)
 

@@ -14,6 +14,14 @@ trigger on the ``train`` deployment's ``prefect.flow-run.Completed`` (see flows/
 
 Training holds the dataset root's lock (as data preparation does), so a prep run cannot rewrite the
 shards under a running trainer.
+
+Multi-node: every node launches torchrun with the same ``nnodes``, ``rdzv_endpoint`` and
+``rdzv_id`` and its own ``node_rank`` (``train.launch.rendezvous_args``: torchrun's c10d
+rendezvous). Node 0 runs the train flow (root lock, artifacts, evaluation); the other nodes only
+join (``follow_training``, no Prefect run, no lock: node 0's launcher holds it for the job). In a
+Kubernetes Job the endpoint and id can come from ``SHARDFLOW_RDZV_ENDPOINT`` / ``SHARDFLOW_RDZV_ID``
+(flows/gpu-job-template.json sets them per Job), since a deployment's parameters are fixed before
+the Job's name exists.
 """
 from __future__ import annotations
 
@@ -32,7 +40,16 @@ from shardflow.flows.config import PipelineConfig
 from shardflow.flows.prep_flows import flow_outcome, resolve_config
 from shardflow.flows.runners import prefect_api
 from shardflow.storage.lock import RootLock
-from shardflow.train.launch import LAUNCHER_LOCK_ENV, credentials_env, die_with_parent, torchrun_command, write_launch_config
+from shardflow.train.launch import (
+    LAUNCHER_LOCK_ENV,
+    credentials_env,
+    die_with_parent,
+    rendezvous_args,
+    torchrun_command,
+    write_launch_config,
+)
+
+RDZV_ENDPOINT_ENV, RDZV_ID_ENV = "SHARDFLOW_RDZV_ENDPOINT", "SHARDFLOW_RDZV_ID"
 
 
 class TrainingFailed(RuntimeError):
@@ -51,7 +68,16 @@ def resolve_nproc(nproc: int) -> int:
         return 1
 
 
-def launch_torchrun(cfg: PipelineConfig, nproc: int, logger=None, env: dict[str, str] | None = None) -> dict[str, Any]:
+def node_args(cfg: PipelineConfig, nnodes: int = 1, node_rank: int = 0, rdzv_endpoint: str | None = None,
+              rdzv_id: str | None = None) -> list[str]:
+    """torchrun rendezvous options of this node ([] for one node); endpoint and id fall back to
+    ``$SHARDFLOW_RDZV_ENDPOINT`` / ``$SHARDFLOW_RDZV_ID``, the id then to the run name."""
+    return rendezvous_args(nnodes, node_rank, rdzv_endpoint or os.environ.get(RDZV_ENDPOINT_ENV) or None,
+                           rdzv_id or os.environ.get(RDZV_ID_ENV) or cfg.train.run)
+
+
+def launch_torchrun(cfg: PipelineConfig, nproc: int, logger=None, env: dict[str, str] | None = None,
+                    rendezvous: list[str] | None = None) -> dict[str, Any]:
     """Run training under torchrun; returns rank 0's summary (its last stdout line).
 
     The launch file holds no credential (they go to the ranks in the environment, see
@@ -60,7 +86,7 @@ def launch_torchrun(cfg: PipelineConfig, nproc: int, logger=None, env: dict[str,
     """
     config_json = write_launch_config(cfg.train, cfg.storage)
     tail: collections.deque[str] = collections.deque(maxlen=60)
-    argv = torchrun_command(config_json, nproc, torchrun_args=cfg.flows.torchrun_args)
+    argv = torchrun_command(config_json, nproc, torchrun_args=[*cfg.flows.torchrun_args, *(rendezvous or [])])
     if logger is not None:
         logger.info("launching: %s", " ".join(argv))
     proc = None
@@ -95,21 +121,28 @@ def launch_torchrun(cfg: PipelineConfig, nproc: int, logger=None, env: dict[str,
 
 
 @task(name="train", cache_policy=NO_CACHE, persist_result=False)
-def train_task(cfg: PipelineConfig, nproc: int = 1) -> dict[str, Any]:
+def train_task(cfg: PipelineConfig, nproc: int = 1, rendezvous: list[str] | None = None) -> dict[str, Any]:
     """Train run ``cfg.train.run`` (resuming from its latest checkpoint if there is one)."""
     logger = get_run_logger()
     nproc = resolve_nproc(nproc)
     launcher = cfg.flows.train_launcher
     if launcher == "auto":
-        launcher = "inprocess" if nproc == 1 and not cfg.flows.torchrun_args else "torchrun"
-    if launcher == "inprocess" and nproc != 1:
-        raise ValueError(f"flows.train_launcher=inprocess runs one process, but nproc={nproc}")
+        launcher = "inprocess" if nproc == 1 and not cfg.flows.torchrun_args and not rendezvous else "torchrun"
+    if launcher == "inprocess" and (nproc != 1 or rendezvous):
+        raise ValueError(f"flows.train_launcher=inprocess runs one process, but nproc={nproc}"
+                         + (" on several nodes" if rendezvous else ""))
     logger.info("training run %r on %s: %s, %d process(es)", cfg.train.run, cfg.storage.root, launcher, nproc)
     if launcher == "inprocess":
         from shardflow.train.trainer import train
 
         return dict(train(cfg.train, cfg.storage_handle()))
-    return launch_torchrun(cfg, nproc, logger)
+    return launch_torchrun(cfg, nproc, logger, rendezvous=rendezvous)
+
+
+def follow_training(cfg: PipelineConfig, nproc: int, rendezvous: list[str]) -> dict[str, Any]:
+    """Join a multi-node run as a node other than 0: torchrun only, no Prefect run and no root lock
+    (node 0's train flow holds it for the whole job); returns this node's copy of the summary."""
+    return launch_torchrun(cfg, resolve_nproc(nproc), rendezvous=rendezvous)
 
 
 def _train_markdown(run: str, summary: dict[str, Any]) -> str:
@@ -124,12 +157,20 @@ def _train_markdown(run: str, summary: dict[str, Any]) -> str:
 
 @flow(name="train", log_prints=True)
 def train_flow(config: PipelineConfig | None = None, config_path: str | None = None, overrides: list[str] | None = None,
-               nproc: int = 1, evaluate: bool = False) -> dict[str, Any]:
-    """Train (or resume) the configured run; with ``evaluate``, run the evaluation flow after it."""
+               nproc: int = 1, evaluate: bool = False, nnodes: int = 1, rdzv_endpoint: str | None = None,
+               rdzv_id: str | None = None) -> dict[str, Any]:
+    """Train (or resume) the configured run; with ``evaluate``, run the evaluation flow after it.
+
+    ``nnodes > 1``: this is node 0 of a multi-node job (the others run ``shardflow train
+    --node-rank R``, i.e. :func:`follow_training`); ``rdzv_endpoint`` ``HOST:PORT`` is where the
+    c10d rendezvous store runs (default ``$SHARDFLOW_RDZV_ENDPOINT``), ``rdzv_id`` the job's name
+    (default ``$SHARDFLOW_RDZV_ID``, else the run name).
+    """
     cfg = resolve_config(config, config_path, overrides)
+    rendezvous = node_args(cfg, nnodes, 0, rdzv_endpoint, rdzv_id)
     storage = cfg.storage_handle()
     with RootLock(storage, purpose=f"shardflow train {cfg.train.run}", wait_s=cfg.flows.lock_wait_s, ttl_s=cfg.flows.lock_ttl_s):
-        summary = train_task(cfg, nproc)
+        summary = train_task(cfg, nproc, rendezvous)
     artifacts.publish_markdown(f"train-{cfg.train.run}", _train_markdown(cfg.train.run, summary),
                                f"Training run {cfg.train.run}")
     out = {"ok": True, "train": summary}
@@ -158,10 +199,21 @@ def eval_flow(config: PipelineConfig | None = None, config_path: str | None = No
     return {"ok": True, "results": result.get("results", {}), "files": list(result.get("files", []))}
 
 
-def run_train(cfg: PipelineConfig, nproc: int = 1, evaluate: bool = True) -> dict[str, Any]:
-    """``shardflow train``: the train flow (then evaluation unless ``evaluate`` is false)."""
+def run_train(cfg: PipelineConfig, nproc: int = 1, evaluate: bool = True, nnodes: int = 1, node_rank: int = 0,
+              rdzv_endpoint: str | None = None, rdzv_id: str | None = None) -> dict[str, Any]:
+    """``shardflow train``: the train flow (then evaluation unless ``evaluate`` is false).
+
+    On node ``node_rank > 0`` of a multi-node job: only joins the torchrun rendezvous (no flow)."""
+    if node_rank > 0:
+        try:
+            out = {"ok": True, "train": follow_training(cfg, nproc, node_args(cfg, nnodes, node_rank, rdzv_endpoint, rdzv_id))}
+        except (TrainingFailed, ValueError) as exc:
+            out = {"ok": False, "error": str(exc)}
+        _print(out)
+        return out
     with prefect_api():
-        out = flow_outcome(train_flow(config=cfg, nproc=nproc, evaluate=evaluate, return_state=True))
+        out = flow_outcome(train_flow(config=cfg, nproc=nproc, evaluate=evaluate, nnodes=nnodes, rdzv_endpoint=rdzv_endpoint,
+                                      rdzv_id=rdzv_id, return_state=True))
     _print(out)
     return out
 
