@@ -19,7 +19,8 @@ Multi-node: every node launches torchrun with the same ``nnodes``, ``rdzv_endpoi
 ``rdzv_id`` and its own ``node_rank`` (``train.launch.rendezvous_args``: torchrun's c10d
 rendezvous). Node 0 runs the train flow (root lock, artifacts, evaluation); the other nodes only
 join (``follow_training``, no Prefect run, no lock: node 0's launcher holds it for the job). In a
-Kubernetes Job the endpoint and id can come from ``SHARDFLOW_RDZV_ENDPOINT`` / ``SHARDFLOW_RDZV_ID``
+Kubernetes Job the node count, endpoint and id come from ``SHARDFLOW_NNODES``,
+``SHARDFLOW_RDZV_ENDPOINT`` / ``SHARDFLOW_RDZV_ID``
 (flows/gpu-job-template.json sets them per Job), since a deployment's parameters are fixed before
 the Job's name exists.
 """
@@ -49,7 +50,7 @@ from shardflow.train.launch import (
     write_launch_config,
 )
 
-RDZV_ENDPOINT_ENV, RDZV_ID_ENV = "SHARDFLOW_RDZV_ENDPOINT", "SHARDFLOW_RDZV_ID"
+NNODES_ENV, RDZV_ENDPOINT_ENV, RDZV_ID_ENV = "SHARDFLOW_NNODES", "SHARDFLOW_RDZV_ENDPOINT", "SHARDFLOW_RDZV_ID"
 
 
 class TrainingFailed(RuntimeError):
@@ -157,16 +158,17 @@ def _train_markdown(run: str, summary: dict[str, Any]) -> str:
 
 @flow(name="train", log_prints=True)
 def train_flow(config: PipelineConfig | None = None, config_path: str | None = None, overrides: list[str] | None = None,
-               nproc: int = 1, evaluate: bool = False, nnodes: int = 1, rdzv_endpoint: str | None = None,
+               nproc: int = 1, evaluate: bool = False, nnodes: int | None = None, rdzv_endpoint: str | None = None,
                rdzv_id: str | None = None) -> dict[str, Any]:
     """Train (or resume) the configured run; with ``evaluate``, run the evaluation flow after it.
 
-    ``nnodes > 1``: this is node 0 of a multi-node job (the others run ``shardflow train
-    --node-rank R``, i.e. :func:`follow_training`); ``rdzv_endpoint`` ``HOST:PORT`` is where the
+    ``nnodes > 1`` (default ``$SHARDFLOW_NNODES``, else 1): this is node 0 of a multi-node job (the
+    others run ``shardflow train --node-rank R``, i.e. :func:`follow_training`); ``rdzv_endpoint`` ``HOST:PORT`` is where the
     c10d rendezvous store runs (default ``$SHARDFLOW_RDZV_ENDPOINT``), ``rdzv_id`` the job's name
     (default ``$SHARDFLOW_RDZV_ID``, else the run name).
     """
     cfg = resolve_config(config, config_path, overrides)
+    nnodes = nnodes if nnodes is not None else int(os.environ.get(NNODES_ENV) or 1)
     rendezvous = node_args(cfg, nnodes, 0, rdzv_endpoint, rdzv_id)
     storage = cfg.storage_handle()
     with RootLock(storage, purpose=f"shardflow train {cfg.train.run}", wait_s=cfg.flows.lock_wait_s, ttl_s=cfg.flows.lock_ttl_s):

@@ -58,6 +58,24 @@ class DistEnv:
         return box[0]
 
 
+def check_same_on_all_ranks(env: DistEnv, value: str, what: str) -> None:
+    """Raise on every rank unless all ranks hold the same ``value`` (e.g. a config digest).
+
+    Each node of a multi-node launch reads its own copy of the config; ranks that differ (another
+    file version, different ``--set`` overrides) would train different models into one checkpoint.
+    """
+    if not env.distributed:
+        return
+    values: list[Any] = [None] * env.world_size
+    dist.all_gather_object(values, value)
+    if len(set(values)) > 1:
+        groups: dict[str, list[int]] = {}
+        for rank, v in enumerate(values):
+            groups.setdefault(str(v), []).append(rank)
+        raise ValueError(f"ranks were started with different {what}: " +
+                         "; ".join(f"ranks {r} have {v[:16]}" for v, r in groups.items()))
+
+
 def _env_int(name: str, default: int) -> int:
     raw = os.environ.get(name)
     return default if raw in (None, "") else int(raw)

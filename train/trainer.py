@@ -33,14 +33,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from shardflow.storage import Storage, StorageConfig
+from shardflow.storage import Storage, StorageConfig, digest_json
 from shardflow.storage.layout import metrics_ref
 from shardflow.storage.shards import ShardIndexError, read_index
 
 from .checkpoint import Checkpointer, CheckpointError, capture_rng, restore_rng
 from .config import TrainConfig
 from .data import dataset_storage, tokens_to
-from .distributed import DistEnv, autocast_dtype, init_distributed, set_grad_sync, teardown, wrap_model
+from .distributed import (
+    DistEnv,
+    autocast_dtype,
+    check_same_on_all_ranks,
+    init_distributed,
+    set_grad_sync,
+    teardown,
+    wrap_model,
+)
 from .expert_parallel import clip_grad_norm
 from .metrics import MetricsLog, Progress
 from .model import MoETransformer
@@ -211,6 +219,8 @@ class Trainer:
 
         self.cfg, self.storage = cfg, storage
         self.env = env or DistEnv()
+        # Multi-node: every node reads its own config file; all ranks must train the same thing.
+        check_same_on_all_ranks(self.env, digest_json(cfg.model_dump(mode="json")), "train configs (digests)")
         tc = cfg.trainer
         self.device = self.env.device
         self.index = check_data(cfg, storage, need_val=tc.eval_every > 0)

@@ -15,7 +15,7 @@ from shardflow.storage import Storage
 from shardflow.train.checkpoint import Checkpointer, read_meta
 from shardflow.train.config import TrainConfig
 from shardflow.train.metrics import read_metrics
-from shardflow.train.distributed import DistEnv, set_grad_sync, wrap_model
+from shardflow.train.distributed import DistEnv, check_same_on_all_ranks, set_grad_sync, wrap_model
 from shardflow.train.expert_parallel import check_degree, clip_grad_norm, state_of
 from shardflow.train.launch import rendezvous_args, torchrun_command
 from shardflow.train.model import MoETransformer
@@ -105,6 +105,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                 errs["expert_param_fraction"] = n_exp / n_full
                 report[f"{dispatch}-ep{ep}"] = errs
                 del wrapped
+        check_same_on_all_ranks(env, "same", "configs")
+        with pytest.raises(ValueError, match=r"different configs: ranks \[0, 1\] have a; ranks \[2, 3\] have b"):
+            check_same_on_all_ranks(env, "a" if rank < 2 else "b", "configs")  # e.g. nodes reading other files
         if rank == 0:
             Path(out_dir, "report.json").write_text(json.dumps(report))
     finally:
