@@ -14,6 +14,7 @@ import zstandard
 
 from shardflow.storage import Storage, digest_bytes, digest_json
 from shardflow.storage.jsonl import iter_lines, parquet_metadata, read_parquet_table
+from shardflow.storage.layout import stage_docs_ref
 from shardflow.storage.manifest import read_record
 
 from .config import PrepConfig
@@ -72,7 +73,7 @@ class DedupFilterStage:
         if self.enabled:
             drop, expected = self._drop_list(storage, spec, docs_ref, docs_digest)
         counters: Counter = Counter()
-        out = f"stages/{self.name}/{spec.shard_id}.jsonl.zst"
+        out = stage_docs_ref(self.name, spec.shard_id)
         n_in = n_out = 0
         with storage.atomic_write(out) as raw:
             cctx = zstandard.ZstdCompressor(level=3, write_checksum=True)   # as JsonlWriter
