@@ -16,6 +16,7 @@ The layers (docs/architecture.md, "The house"):
 from __future__ import annotations
 
 import ast
+import functools
 from collections import defaultdict
 from pathlib import Path
 
@@ -64,6 +65,7 @@ def _imports(name: str, source: str, is_package: bool, modules: dict[str, Path])
     return out
 
 
+@functools.lru_cache(maxsize=1)
 def _graph() -> tuple[dict[str, Path], dict[str, dict[str, int]], list[tuple[str, str, int]]]:
     modules = _modules()
     edges: dict[str, dict[str, int]] = defaultdict(dict)
