@@ -66,17 +66,13 @@ def small_prep_config(root: str, inputs_glob: str, *overrides: str):
     """(PrepConfig, StorageConfig) of the small pipeline without importing flows (no Prefect import)."""
     from shardflow.dataprep.config import PrepConfig
     from shardflow.storage import StorageConfig
+    from shardflow.storage.config import apply_override
 
-    data: dict[str, Any] = {"inputs": [inputs_glob]}
+    data: dict[str, Any] = {"prep": {"inputs": [inputs_glob]}}
     for ov in (*SMALL_PREP, *overrides):
-        key, raw = ov.split("=", 1)
-        parts = key.split(".")
-        assert parts[0] == "prep", ov
-        node = data
-        for p in parts[1:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = json.loads(raw) if raw[:1] in "[{0123456789-" or raw in ("true", "false") else raw
-    return PrepConfig.model_validate(data), StorageConfig(root=root)
+        assert ov.startswith("prep."), ov
+        apply_override(data, ov)  # the CLI's own --set parsing
+    return PrepConfig.model_validate(data["prep"]), StorageConfig(root=root)
 
 
 def report(suite: str, **fields: Any) -> None:

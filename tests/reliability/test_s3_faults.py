@@ -226,7 +226,9 @@ def test_two_concurrent_cli_runs_on_one_s3_root(s3_endpoint, shared_bucket, s3_r
     path.write_text(yaml.safe_dump(data))
     env = _prefect_env()
     args = ["prep", "all", "--runner", "thread", "--config", str(path)]
-    first = cli(args, env)
+    # A lease longer than anything below can take: while SIGSTOPped the first run cannot renew it, and
+    # with the default 60 s a slow machine could let it expire, be taken over and (fencing) fail the run.
+    first = cli([*args, "--set", "flows.lock_ttl_s=900"], env)
     client = _client(s3_endpoint)
     deadline = time.monotonic() + 240
     try:
