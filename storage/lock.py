@@ -212,7 +212,7 @@ class RootLock:
                 if info is not None and info.get("token") == self.token:  # our refresh applied, reply lost
                     self._etag = etag
                     return
-                raise LockHeld(f"lock on {self.storage.root} was taken over by {self._describe(info)}") from None
+                raise LockHeld(f"lock {self.storage.uri(self.ref)} was taken over by {self._describe(info)}") from None
             raise
         self._etag = resp.get("ETag")
 
@@ -240,6 +240,7 @@ class RootLock:
         deadline = time.monotonic() + self.wait_s
         self._acquired_at = time.time()
         while True:
+            started = time.monotonic()
             ok, info = self._local_try() if local else self._s3_try()
             if ok:
                 break
@@ -251,7 +252,7 @@ class RootLock:
             time.sleep(self.poll_s)
         self.held = True
         self._lost = None
-        self._renewed = time.monotonic()
+        self._renewed = started
         self._stop.clear()
         if self.sweep:
             # The holder owns the root: temporaries a killed run left behind can go (see sweep_temporaries).
@@ -270,8 +271,9 @@ class RootLock:
         unreachable makes :meth:`ensure_held` fail once a whole lease has gone by unrenewed."""
         while not self._stop.wait(self.ttl_s / 3):
             try:
+                started = time.monotonic()  # the new expires_at is counted from before the PUT
                 self._s3_refresh()
-                self._renewed = time.monotonic()
+                self._renewed = started
             except LockHeld as exc:
                 self._lost = str(exc)
                 log.error("%s", exc)
