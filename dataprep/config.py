@@ -173,6 +173,8 @@ class TokenizerConfig(_Section):
     normalization_rule_name: Literal["nmt_nfkc", "nfkc", "nmt_nfkc_cf", "nfkc_cf", "identity"] = "nmt_nfkc"
     split_digits: bool = True
     max_sentence_length: int = Field(16384, description="Sample lines longer than this many bytes are cut at whitespace (sentencepiece would skip them).")
+    retrain_on_new_data: bool = Field(False, description="Retrain when the documents change (and so re-tokenize everything). Default: "
+                                      "trained once, kept while new inputs arrive (append-only corpora); a tokenizer config change or --force retrains.")
 
 
 class TokenizeConfig(_Section):

@@ -51,6 +51,7 @@ class CleanStage:
     """
 
     name = "clean"
+    per_shard = True  # one shard per input file (for status predictions)
 
     def __init__(self, cfg: PrepConfig):
         self.cfg = cfg
@@ -61,8 +62,11 @@ class CleanStage:
         return input_shards(storage, self.cfg.inputs)
 
     def config_digest(self) -> str:
+        # The input list is not here: each shard's input (its file's URI and digest) is already in
+        # its input digest, so a glob and a list naming the same files plan the same, and adding a
+        # file adds a shard instead of making every other one stale.
         return digest_json({
-            "stage": self.name, "version": CLEAN_FORMAT_VERSION, "inputs": list(self.cfg.inputs),
+            "stage": self.name, "version": CLEAN_FORMAT_VERSION,
             "read": self.cfg.read.model_dump(mode="json"), "clean": self.cfg.clean.model_dump(mode="json"),
         })
 
@@ -99,6 +103,7 @@ class FilterStage:
     """
 
     name = "filter"
+    per_shard = True
     upstream = "clean"
 
     def __init__(self, cfg: PrepConfig):

@@ -165,6 +165,7 @@ class TokenizeStage:
     """One shard per upstream shard: docs -> ``stages/tokenize/<shard>.{train,val}.npy``."""
 
     name = "tokenize"
+    per_shard = True  # one shard per upstream shard (for status predictions)
 
     def __init__(self, cfg: PrepConfig, upstream: str = "dedup"):
         self.prep = cfg
@@ -241,6 +242,7 @@ class PackStage:
     """One global shard ("_all"): every tokenize stream -> ``shards/*.tar`` + ``shards/index.json``."""
 
     name = "pack"
+    per_shard = False
 
     def __init__(self, cfg: PrepConfig, upstream: str = "dedup"):
         self.prep = cfg

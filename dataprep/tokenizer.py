@@ -209,20 +209,41 @@ class TokenizerStage:
     """One global shard ("_all"): sample every upstream shard's documents, train, publish."""
 
     name = "tokenizer"
+    per_shard = False
 
     def __init__(self, cfg: PrepConfig, upstream: str = "dedup"):
         self.cfg = cfg.tokenizer
         self.upstream = upstream
 
     def config_digest(self) -> str:
-        # num_threads is left out: it does not change the model (BPE) or is not used (unigram).
-        return digest_json({"version": FORMAT_VERSION, "tokenizer": self.cfg.model_dump(mode="json", exclude={"num_threads"})})
+        # num_threads is left out: it does not change the model (BPE) or is not used (unigram);
+        # retrain_on_new_data decides when to plan a retraining, not what a training produces.
+        return digest_json({"version": FORMAT_VERSION,
+                            "tokenizer": self.cfg.model_dump(mode="json", exclude={"num_threads", "retrain_on_new_data"})})
+
+    @property
+    def frozen(self) -> bool:
+        """Whether new or changed documents leave a trained tokenizer as it is (``status`` asks)."""
+        return not self.cfg.retrain_on_new_data
 
     def shards(self, storage: Storage) -> list[ShardSpec]:
+        """One global shard over every upstream shard's documents.
+
+        Unless ``retrain_on_new_data``, a tokenizer trained with this config is pinned to the
+        documents it was trained on: new inputs do not retrain it (which would change every token
+        id and re-tokenize the whole corpus for a 1 % append); ``--force`` or a config change does.
+        """
         inputs: dict[str, str] = {}
         for spec in upstream_shards(storage, self.upstream):
             inputs.update(spec.inputs)
-        return [ShardSpec(GLOBAL_SHARD, inputs)] if inputs else []
+        if not inputs:
+            return []
+        pinned = ""
+        if self.frozen:
+            rec = read_record(storage, self.name, GLOBAL_SHARD)
+            if rec is not None and rec.status == "done" and rec.config_digest == self.config_digest():
+                pinned = rec.input_digest
+        return [ShardSpec(GLOBAL_SHARD, inputs, pinned_digest=pinned)]
 
     def process(self, storage: Storage, spec: ShardSpec) -> ShardOutput:
         cfg = self.cfg

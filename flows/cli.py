@@ -29,14 +29,14 @@ def _load(args: argparse.Namespace):
 
 
 def _parse_shards(value: str | None) -> list[str] | None:
-    if not value:
+    """``--shards a,b``: shard ids (``shardflow status --json`` lists them) or input file names."""
+    if value is None:
         return None
-    out = []
-    for part in value.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        out.append(f"{int(part):06d}" if part.isdigit() else part)
+    out = [part.strip() for part in value.split(",") if part.strip()]
+    if not out:
+        from .preplan import RequestError
+
+        raise RequestError(f"--shards {value!r} names no shard")
     return out
 
 
@@ -51,11 +51,27 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_prep(args: argparse.Namespace) -> int:
-    from .prep_flows import run_prep
+    """Check the request and plan before Prefect starts (flows/preplan.py); run the flow only if
+    there is something to do."""
+    from shardflow.storage.lock import LockHeld
+
+    from .preplan import preplan
 
     cfg = _load(args)
-    result = run_prep(cfg, stage=args.stage, shards=_parse_shards(args.shards), force=args.force,
-                      runner=args.runner, ray_address=args.address)
+    try:
+        pre = preplan(cfg, args.stage, _parse_shards(args.shards), force=args.force, verify=args.verify)
+    except LockHeld as exc:  # another run holds the root: not a usage error, but one line all the same
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if pre.nothing_to_do:
+        print(f"nothing to do: {pre.up_to_date} shard(s) of {len(pre.stages)} stage(s) up to date "
+              f"(planned in {pre.wall_s:.2f}s from the manifests; --force redoes them)")
+        return 0
+    print("to do: " + "; ".join(f"{k}: {v}" for k, v in pre.work.items()), flush=True)
+    from .prep_flows import run_prep
+
+    result = run_prep(cfg, stage=args.stage, shards=pre.shards, force=args.force,
+                      runner=args.runner, ray_address=args.address, verify=args.verify)
     return 0 if result.get("ok", True) else 1
 
 
@@ -139,8 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prep", help="run a data-preparation stage (or 'all') as a Prefect flow")
     p.add_argument("stage", help="clean | filter | dedup | tokenizer | tokenize | all")
-    p.add_argument("--shards", help="comma-separated shard ids to redo (e.g. 3,7)")
+    p.add_argument("--shards", help="comma-separated shard ids (or input file names) to redo, e.g. part-3-1a2b3c4d5e,part-7.jsonl")
     p.add_argument("--force", action="store_true", help="redo every selected shard even if up to date")
+    p.add_argument("--verify", action="store_true", help="re-hash every input and output while planning (default: "
+                   "trust unchanged size + mtime/ETag)")
     p.add_argument("--runner", choices=["process", "thread", "ray", "sequential"], help="task runner (default from config)")
     p.add_argument("--address", help="Ray cluster address for --runner ray (default: start a local cluster)")
     _add_config_args(p)
@@ -190,10 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     from shardflow.storage.lock import LockHeld, LockUnsupported
 
     from .config import ConfigError
+    from .preplan import RequestError
 
     try:
         return args.func(args)
-    except ConfigError as exc:
+    except (ConfigError, RequestError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except (LockHeld, LockUnsupported) as exc:  # commands that lock outside a flow (export-hf)

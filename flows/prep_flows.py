@@ -28,7 +28,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
 from shardflow.dataprep.config import PrepConfig
-from shardflow.dataprep.stage import PlannedShard, ShardSpec, Stage, plan
+from shardflow.dataprep.stage import PlannedShard, ShardSpec, Stage, plan, retire_orphans
 from shardflow.dataprep.stages import (
     DEFAULT_FACTORY,
     STAGE_GROUPS,
@@ -113,19 +113,6 @@ def shard_task(stage: str, spec: ShardSpec, prep: PrepConfig, storage: Storage, 
 
 # -- one stage ------------------------------------------------------------------------------------
 
-class _FixedShards:
-    """A stage whose shard list is already known, so planning does not list (and hash) inputs twice."""
-
-    def __init__(self, stage: Stage, specs: list[ShardSpec]):
-        self.name, self._stage, self._specs = stage.name, stage, specs
-
-    def shards(self, storage: Storage) -> list[ShardSpec]:
-        return self._specs
-
-    def config_digest(self) -> str:
-        return self._stage.config_digest()
-
-
 def _error_of(future) -> str:
     state = future.state
     exc = state.data if isinstance(getattr(state, "data", None), BaseException) else None
@@ -142,16 +129,26 @@ def _error_of(future) -> str:
 
 
 def run_stage_tasks(stage: Stage, storage: Storage, cfg: PipelineConfig, runner, only: set[str] | None, force: bool,
-                    factory: str, flow_label: str) -> dict[str, Any]:
-    """Plan one stage, run its pending shards as tasks on ``runner``, publish its table."""
+                    factory: str, flow_label: str, verify: bool = False) -> dict[str, Any]:
+    """Retire shards whose input is gone, plan one stage, run its pending shards as tasks on
+    ``runner``, publish its table."""
     logger = get_run_logger()
     t0 = time.perf_counter()
     specs = stage.shards(storage)
+    records = list_records(storage, stage.name)
+    retired = retire_orphans(stage, storage, specs, records)
+    if retired:
+        logger.info("stage %s: retired %d shard(s) whose input is gone: %s", stage.name, len(retired),
+                    ", ".join(retired[:10]) + (" ..." if len(retired) > 10 else ""))
+        records = {k: v for k, v in records.items() if k not in retired}
     ids = {s.shard_id for s in specs}
     wanted = (only & ids) if only else None
-    planned: list[PlannedShard] = plan(_FixedShards(stage, specs), storage, only=wanted or None,
-                                       force=force if (not only or wanted) else False)
+    planned: list[PlannedShard] = plan(stage, storage, only=wanted or None,
+                                       force=force if (not only or wanted) else False, deep_verify=verify,
+                                       specs=specs, records=records)
     pending = [p for p in planned if p.needs_work]
+    for p in pending[:20]:
+        logger.info("stage %s shard %s: %s%s", stage.name, p.spec.shard_id, p.reason, f" ({p.detail})" if p.detail else "")
     states = {p.spec.shard_id: p.state.value for p in planned}
     by_state: dict[str, int] = {}
     for p in planned:
@@ -192,6 +189,7 @@ def run_stage_tasks(stage: Stage, storage: Storage, cfg: PipelineConfig, runner,
     table = artifacts.stage_table(rows)
     summary = artifacts.stage_summary(stage.name, table, ran=len(ran), skipped=len(planned) - len(pending),
                                       failed=sorted(failed), wall_s=time.perf_counter() - t0)
+    summary["retired"] = retired
     summary["errors"] = dict(sorted(failed.items()))
     artifacts.publish_table(f"{flow_label}-{stage.name}", table,
                             f"Stage {stage.name}: {len(ran)} shard(s) run, {summary['skipped']} up to date, {len(failed)} failed")
@@ -206,7 +204,7 @@ def run_stage_tasks(stage: Stage, storage: Storage, cfg: PipelineConfig, runner,
 
 def _prep(selection: str | list[str], config: Any, config_path: str | None, overrides: list[str] | None,
           shards: list[str] | None, force: bool, runner: str | None, ray_address: str | None, stage_factory: str,
-          flow_label: str) -> dict[str, Any]:
+          flow_label: str, verify: bool = False) -> dict[str, Any]:
     cfg = resolve_config(config, config_path, overrides)
     logger = get_run_logger()
     storage = cfg.storage_handle()
@@ -231,7 +229,7 @@ def _prep(selection: str | list[str], config: Any, config_path: str | None, over
         with shard_runner as task_runner:
             for stage in stages:
                 lock.ensure_held()  # a run whose lease was lost or taken over starts no further stage
-                summary = run_stage_tasks(stage, storage, cfg, task_runner, only, force, stage_factory, flow_label)
+                summary = run_stage_tasks(stage, storage, cfg, task_runner, only, force, stage_factory, flow_label, verify)
                 summaries.append(summary)
                 if summary["failed"]:
                     error = StageFailed(stage.name, summary["errors"], summary["ran"] + len(summary["failed"]))
@@ -240,27 +238,43 @@ def _prep(selection: str | list[str], config: Any, config_path: str | None, over
                                artifacts.summary_markdown(f"shardflow {flow_label}: {storage.root}", summaries,
                                                           str(error) if error else None),
                                f"Data preparation summary ({flow_label})")
+    _publish_status(cfg, stage_factory, flow_label, logger)
     if error is not None:
         raise error
     return {"ok": True, "stages": summaries, "wall_s": round(time.perf_counter() - t0, 2)}
+
+
+def _publish_status(cfg: PipelineConfig, stage_factory: str, flow_label: str, logger) -> None:
+    """The ``status`` table after the run (what a next run would do, and why) as an artifact."""
+    from shardflow.flows.status import collect_status, status_markdown
+
+    try:
+        status = collect_status(cfg, stage_factory)
+    except Exception as exc:  # noqa: BLE001 - a status view never fails a run
+        logger.warning("cannot build the status artifact: %s: %s", type(exc).__name__, exc)
+        return
+    artifacts.publish_markdown(f"{flow_label}-status", status_markdown(status), "Status after this run: what the next run would do")
 
 
 @flow(name="prep", log_prints=True)
 def prep_flow(config: Any = None, config_path: str | None = None, overrides: list[str] | None = None,
               stages: list[str] | None = None, shards: list[str] | None = None, force: bool = False,
               runner: str | None = None, ray_address: str | None = None,
-              stage_factory: str = DEFAULT_FACTORY) -> dict[str, Any]:
-    """Every data-preparation stage in order (or the ``stages`` named), shard-resumable."""
-    return _prep(stages or "all", config, config_path, overrides, shards, force, runner, ray_address, stage_factory, "prep")
+              stage_factory: str = DEFAULT_FACTORY, verify: bool = False) -> dict[str, Any]:
+    """Every data-preparation stage in order (or the ``stages`` named), shard-resumable.
+
+    ``verify``: re-hash every input and output while planning instead of trusting fingerprints."""
+    return _prep(stages or "all", config, config_path, overrides, shards, force, runner, ray_address, stage_factory, "prep",
+                 verify)
 
 
 def _stage_flow(group: str):
     def stage_flow(config: Any = None, config_path: str | None = None,
                    overrides: list[str] | None = None, shards: list[str] | None = None, force: bool = False,
                    runner: str | None = None, ray_address: str | None = None,
-                   stage_factory: str = DEFAULT_FACTORY) -> dict[str, Any]:
+                   stage_factory: str = DEFAULT_FACTORY, verify: bool = False) -> dict[str, Any]:
         return _prep(group, config, config_path, overrides, shards, force, runner, ray_address, stage_factory,
-                     f"prep-{group}")
+                     f"prep-{group}", verify)
 
     stage_flow.__name__ = stage_flow.__qualname__ = f"prep_{group}_flow"
     stage_flow.__doc__ = f"The {group!r} stage ({', '.join(STAGE_GROUPS[group])}), shard-resumable."
@@ -291,9 +305,10 @@ def flow_outcome(state) -> dict[str, Any]:
 
 def run_prep(cfg: PipelineConfig, stage: str = "all", shards: list[str] | None = None, force: bool = False,
              runner: str | None = None, ray_address: str | None = None,
-             stage_factory: str = DEFAULT_FACTORY) -> dict[str, Any]:
+             stage_factory: str = DEFAULT_FACTORY, verify: bool = False) -> dict[str, Any]:
     """``shardflow prep <stage>``: run the stage's flow (or ``prep`` for ``all`` / a single stage name)."""
-    params = dict(config=config_param(cfg), shards=shards, force=force, runner=runner, ray_address=ray_address, stage_factory=stage_factory)
+    params = dict(config=config_param(cfg), shards=shards, force=force, runner=runner, ray_address=ray_address,
+                  stage_factory=stage_factory, verify=verify)
     with prefect_api():
         if stage in STAGE_FLOWS:
             state = STAGE_FLOWS[stage](**params, return_state=True)

@@ -1,9 +1,15 @@
-"""``shardflow status`` and ``shardflow verify``: what the manifests say, and whether the bytes agree.
+"""``shardflow status`` and ``shardflow verify``: what the next run will do, and whether the bytes agree.
 
-Both read only; neither needs Prefect. ``status`` classifies every shard of every stage the way a
-run would plan it (done / pending / stale / failed / corrupt) but checks outputs by size only, so it
-stays cheap on large roots; ``verify`` re-hashes every output recorded in a done manifest and every
-tar shard listed in ``shards/index.json``, and returns the problems it found.
+Both read only; neither needs Prefect. ``status`` plans every stage the way a run would
+(:func:`shardflow.dataprep.stage.plan`, metadata only: fingerprints, re-hashing only what changed)
+and then carries the consequences downstream, because a run redoes the dependants of whatever it
+redoes: a shard whose upstream shard will be redone is ``stale`` with reason ``upstream changed``,
+a shard whose upstream shard does not exist yet is ``pending`` (``missing``), and every shard of a
+global stage (tokenizer, pack, dedup buckets/clusters) is stale as soon as anything upstream will
+change. Each shard needing work has one reason: input changed, config changed, upstream changed,
+missing, failed, corrupt (or selected, for ``--shards``/``--force``). ``verify`` re-hashes every
+output recorded in a done manifest and every tar shard listed in ``shards/index.json``, and returns
+the problems it found.
 """
 from __future__ import annotations
 
@@ -11,49 +17,105 @@ import json
 import sys
 from typing import Any
 
-from shardflow.dataprep.stage import ShardSpec, Stage
+from shardflow.dataprep.stage import PlannedShard, Reason, ShardSpec, Stage, orphans, plan
 from shardflow.dataprep.stages import DEFAULT_FACTORY, load_factory
 from shardflow.flows import artifacts
 from shardflow.storage import Storage
-from shardflow.storage.manifest import ShardState, classify, list_records, verify_outputs
+from shardflow.storage.manifest import ShardState, list_records, verify_outputs
 
 STATE_COLUMNS = ("done", "pending", "stale", "failed", "corrupt")
 _STATE_NAME = {ShardState.DONE: "done", ShardState.MISSING: "pending", ShardState.STALE: "stale",
                ShardState.FAILED: "failed", ShardState.CORRUPT: "corrupt"}
+ALL = None
+"""Upstream "everything may change" (a global stage upstream will be redone)."""
 
 
-def stage_status(stage: Stage, storage: Storage, deep: bool = False) -> dict[str, Any]:
-    """One stage's shard states and totals from its manifest records."""
-    row: dict[str, Any] = {"stage": stage.name, "shards": 0, **{c: 0 for c in STATE_COLUMNS},
-                           "orphaned": 0, "docs_in": 0, "docs_out": 0, "tokens": 0, "failed_shards": [], "error": None}
+def is_per_shard(stage: Stage, ids: set[str], known: set[str]) -> bool:
+    """Whether a stage has one shard per upstream shard (same ids) rather than global shards.
+
+    A stage may say so (``per_shard = True/False``); otherwise its ids are compared with the
+    per-shard ids seen upstream.
+    """
+    declared = getattr(stage, "per_shard", None)
+    if declared is not None:
+        return bool(declared)
+    return bool(ids & known)
+
+
+def stage_status(stage: Stage, storage: Storage, deep: bool = False, upstream: set[str] | None = frozenset(),
+                 known: set[str] = frozenset()) -> tuple[dict[str, Any], set[str] | None, set[str]]:
+    """One stage's row, the set of its shard ids the next run will redo (ALL = None for a global
+    stage that will run) and the shard ids of this stage if it is per-shard (else ``known``).
+
+    ``upstream``: shard ids the previous stage will redo (ALL: every shard may change);
+    ``known``: ids of the nearest per-shard stage upstream (to predict shards not listed yet).
+    """
+    row: dict[str, Any] = {"stage": stage.name, "shards": 0, **{c: 0 for c in STATE_COLUMNS}, "orphaned": 0,
+                           "docs_in": 0, "docs_out": 0, "tokens": 0, "failed_shards": [], "reasons": {},
+                           "work": [], "error": None}
     try:
         specs: list[ShardSpec] = stage.shards(storage)
     except Exception as exc:  # noqa: BLE001 - e.g. an input glob matching nothing: report, keep going
         row["error"] = f"{type(exc).__name__}: {exc}"
         specs = []
     records = list_records(storage, stage.name)
-    config_digest = stage.config_digest()
-    row["shards"] = len(specs)
-    for spec in specs:
-        rec = records.get(spec.shard_id)
-        state = _STATE_NAME[classify(storage, rec, spec.input_digest, config_digest, deep=deep)]
-        row[state] += 1
-        if state == "failed":
-            row["failed_shards"].append(spec.shard_id)
+    try:
+        planned: list[PlannedShard] = plan(stage, storage, deep_verify=deep, refresh=False, specs=specs, records=records)
+    except Exception as exc:  # noqa: BLE001
+        row["error"] = row["error"] or f"{type(exc).__name__}: {exc}"
+        planned = []
+    ids = {p.spec.shard_id for p in planned}
+    per_shard = is_per_shard(stage, ids | set(records), known) if (ids or records) else bool(getattr(stage, "per_shard", False))
+    upstream_all = upstream is ALL
+    upstream_ids = set() if upstream_all else set(upstream)
+    frozen = bool(getattr(stage, "frozen", False))  # stays done while upstream changes (tokenizer)
+    rows: list[tuple[str, str, str, str]] = []  # (shard, state, reason, detail)
+    for p in planned:
+        state, reason, detail = _STATE_NAME[p.state], p.reason, p.detail
+        if p.state is ShardState.DONE and not frozen and (upstream_all or (per_shard and p.spec.shard_id in upstream_ids)
+                                                          or (not per_shard and upstream_ids)):
+            state, reason = "stale", Reason.UPSTREAM
+        rows.append((p.spec.shard_id, state, reason, detail))
+        rec = p.record
         if rec is not None and rec.status == "done":
             docs_in, docs_out = artifacts.docs_of(rec.counts)
             row["docs_in"] += docs_in
             row["docs_out"] += docs_out
             row["tokens"] += artifacts.tokens_of(rec.counts)
-    row["orphaned"] = len(set(records) - {s.shard_id for s in specs})
-    return row
+    # Shards the next run will create once upstream has produced them.
+    if per_shard:
+        future = (known if upstream_all else upstream_ids) - ids
+        rows.extend((sid, "pending", Reason.MISSING, "upstream not done yet") for sid in sorted(future))
+    elif not planned and (upstream_all or upstream_ids):
+        rows.append(("(all)", "pending", Reason.MISSING, "upstream not done yet"))
+    row["shards"] = len(rows)
+    for sid, state, reason, detail in rows:
+        row[state] += 1
+        if state == "failed":
+            row["failed_shards"].append(sid)
+        if state != "done":
+            row["reasons"][reason] = row["reasons"].get(reason, 0) + 1
+            row["work"].append({"shard": sid, "state": state, "reason": reason, **({"detail": detail} if detail else {})})
+    row["orphaned"] = len(orphans(specs, records))
+    redo = {sid for sid, state, _, _ in rows if state != "done"}
+    if not per_shard:
+        # A global stage that reruns may change everything after it; one that stays done passes
+        # the per-shard changes before it on (tokenize depends on dedup's shards and the tokenizer).
+        return row, (ALL if redo else upstream), known
+    return row, redo, ids | {sid for sid, *_ in rows}
 
 
 def collect_status(cfg, stage_factory: str = DEFAULT_FACTORY, deep: bool = False) -> dict[str, Any]:
     storage = cfg.storage_handle()
     stages = load_factory(stage_factory)(cfg.prep)
-    rows = [stage_status(s, storage, deep=deep) for s in stages]
-    out: dict[str, Any] = {"root": storage.root, "stages": rows}
+    rows = []
+    upstream: set[str] | None = set()
+    known: set[str] = set()
+    for stage in stages:
+        row, upstream, known = stage_status(stage, storage, deep=deep, upstream=upstream, known=known)
+        rows.append(row)
+    out: dict[str, Any] = {"root": storage.root, "stages": rows,
+                           "next_run": {r["stage"]: r["reasons"] for r in rows if r["reasons"] or r["orphaned"]}}
     if storage.exists("shards/index.json"):
         try:
             index = storage.read_json("shards/index.json")
@@ -64,27 +126,49 @@ def collect_status(cfg, stage_factory: str = DEFAULT_FACTORY, deep: bool = False
     return out
 
 
+def _next_run(r: dict[str, Any]) -> str:
+    parts = [f"{n} {reason}" for reason, n in sorted(r["reasons"].items(), key=lambda kv: (-kv[1], kv[0]))]
+    if r["orphaned"]:
+        parts.append(f"{r['orphaned']} retired (input gone)")
+    return "; ".join(parts) if parts else "nothing"
+
+
 def format_status(status: dict[str, Any]) -> str:
     cols = ("stage", "shards", *STATE_COLUMNS, "docs_in", "docs_out", "tokens")
-    rows = [[str(r[c]) for c in cols] for r in status["stages"]]
+    rows = [[str(r[c]) for c in cols] + [_next_run(r)] for r in status["stages"]]
+    cols = (*cols, "next run")
     widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)]
-    lines = [f"dataset root: {status['root']}",
-             "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cols, widths)))]
-    for r in rows:
-        lines.append("  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))))
+
+    def line(values):
+        return "  ".join(v.ljust(w) if i in (0, len(cols) - 1) else v.rjust(w) for i, (v, w) in enumerate(zip(values, widths))).rstrip()
+
+    lines = [f"dataset root: {status['root']}", line(cols)]
+    lines.extend(line(r) for r in rows)
     for r in status["stages"]:
         if r["error"]:
             lines.append(f"{r['stage']}: cannot list shards: {r['error']}")
         if r["failed_shards"]:
             lines.append(f"{r['stage']}: failed shards {', '.join(r['failed_shards'][:20])} (see stages/{r['stage']}/_manifest/)")
         if r["orphaned"]:
-            lines.append(f"{r['stage']}: {r['orphaned']} manifest record(s) for shards no longer in the plan")
+            lines.append(f"{r['stage']}: {r['orphaned']} manifest record(s) for shards no longer in the plan (retired by the next run)")
     for split, info in sorted((status.get("shards") or {}).items()):
         if isinstance(info, dict):
             lines.append(f"shards/{split}: {info['shards']} tar shard(s), {info['samples']} samples, {info['tokens']} tokens")
         else:
             lines.append(f"shards/index.json: {info}")
+    todo = [r for r in status["stages"] if r["reasons"] or r["orphaned"]]
+    lines.append("next run: nothing to do" if not todo else
+                 "next run: " + ", ".join(f"{r['stage']} ({_next_run(r)})" for r in todo))
     return "\n".join(lines)
+
+
+def status_markdown(status: dict[str, Any]) -> str:
+    """The status table as markdown (the ``status`` artifact of a prep run)."""
+    cols = ("stage", "shards", *STATE_COLUMNS, "next run")
+    out = [f"**Dataset root** `{status['root']}`", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in status["stages"]:
+        out.append("| " + " | ".join([*(str(r[c]) for c in cols[:-1]), _next_run(r)]) + " |")
+    return "\n".join(out) + "\n"
 
 
 def print_status(cfg, as_json: bool = False, stage_factory: str = DEFAULT_FACTORY) -> dict[str, Any]:

@@ -3,6 +3,6 @@
 Imports nothing else of the project, so every other part can depend on it.
 """
 from .config import StorageConfig
-from .store import Storage, StorageError, digest_bytes, digest_json, split_protocol
+from .store import Stat, Storage, StorageError, digest_bytes, digest_json, split_protocol
 
-__all__ = ["Storage", "StorageConfig", "StorageError", "digest_bytes", "digest_json", "split_protocol"]
+__all__ = ["Stat", "Storage", "StorageConfig", "StorageError", "digest_bytes", "digest_json", "split_protocol"]

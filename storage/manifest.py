@@ -4,6 +4,12 @@ A stage re-run trusts nothing but these records and the bytes they point at (not
 cache): a shard is *done* only when its record says so, its input and config digests still match,
 and its outputs still hash to what the record holds. The record is written last, after every output
 is published, so a crash at any moment leaves either the old state or the new one.
+
+Why records also hold metadata fingerprints (size + mtime locally, size + ETag on object stores):
+hashing every input and output to plan a no-op run reads the whole corpus. A plan compares
+fingerprints (one listing per directory) and re-hashes only what changed; a changed fingerprint
+with unchanged bytes (a ``touch``, a re-upload of the same bytes) redoes nothing, and the record's
+fingerprint is refreshed. Full re-hashing is ``shardflow verify``'s job and a run's ``--verify``.
 """
 from __future__ import annotations
 
@@ -15,7 +21,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from .layout import stage_dir
-from .store import Storage, StorageError
+from .store import Stat, Storage, StorageError
 
 
 def code_version() -> str:
@@ -30,6 +36,7 @@ class OutputRef(BaseModel):
     ref: str
     digest: str
     bytes: int
+    fingerprint: str = Field("", description="size + mtime/ETag when published ('' = unknown: re-hash to check)")
 
 
 class ShardRecord(BaseModel):
@@ -39,6 +46,7 @@ class ShardRecord(BaseModel):
     shard_id: str
     status: str = Field(description="'done' or 'failed'")
     inputs: dict[str, str] = Field(default_factory=dict, description="input URI -> digest")
+    fingerprints: dict[str, str] = Field(default_factory=dict, description="raw input URI -> size + mtime/ETag when read")
     input_digest: str = ""
     config_digest: str = ""
     code_version: str = Field(default_factory=code_version)
@@ -96,23 +104,63 @@ def list_stages(storage: Storage) -> list[str]:
     return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e.get("type") == "directory")
 
 
-def verify_outputs(storage: Storage, record: ShardRecord, deep: bool = True) -> list[str]:
-    """Problems with a record's outputs ([] = all present and, if ``deep``, hashing as recorded)."""
-    problems = []
+class StatCache:
+    """Sizes and fingerprints of stored objects, one directory listing each (see Storage.stat_dir).
+
+    A plan looks at every output of every shard of a stage; they share a few directories, so
+    listing those costs a handful of requests where a HEAD per object would cost thousands.
+    """
+
+    def __init__(self, storage: Storage):
+        self.storage = storage
+        self._dirs: dict[str, dict[str, Stat]] = {}
+
+    def stat(self, ref: str) -> Stat | None:
+        parent, _, name = ref.rstrip("/").rpartition("/")
+        if parent not in self._dirs:
+            self._dirs[parent] = self.storage.stat_dir(parent)
+        return self._dirs[parent].get(name)
+
+
+def check_outputs(
+    storage: Storage, record: ShardRecord, deep: bool = False, stats: StatCache | None = None,
+) -> tuple[list[str], dict[str, OutputRef] | None]:
+    """``(problems, refreshed)`` for a record's outputs.
+
+    An output whose size and fingerprint match its record is trusted without reading it (unless
+    ``deep``); one whose fingerprint changed (or was never recorded) is re-hashed. ``refreshed``
+    holds the outputs with their current fingerprints when some changed but every digest still
+    matches (the caller may rewrite the record so the next plan need not hash them again).
+    """
+    stats = stats or StatCache(storage)
+    problems: list[str] = []
+    refreshed = dict(record.outputs)
+    changed = False
     for name, out in sorted(record.outputs.items()):
         try:
-            size = storage.size(out.ref)
-        except FileNotFoundError:
-            problems.append(f"{name}: {storage.uri(out.ref)} is missing")
-            continue
+            st = stats.stat(out.ref)
         except StorageError as exc:
             problems.append(f"{name}: {exc}")
             continue
-        if size != out.bytes:
-            problems.append(f"{name}: {storage.uri(out.ref)} has {size} bytes, manifest says {out.bytes}")
-        elif deep and storage.digest(out.ref) != out.digest:
-            problems.append(f"{name}: {storage.uri(out.ref)} does not match its digest")
-    return problems
+        if st is None:
+            problems.append(f"{name}: {storage.uri(out.ref)} is missing")
+            continue
+        if st.size != out.bytes:
+            problems.append(f"{name}: {storage.uri(out.ref)} has {st.size} bytes, manifest says {out.bytes}")
+            continue
+        if deep or not out.fingerprint or st.fingerprint != out.fingerprint:
+            if storage.digest(out.ref) != out.digest:
+                problems.append(f"{name}: {storage.uri(out.ref)} does not match its digest")
+                continue
+            if st.fingerprint != out.fingerprint:
+                refreshed[name] = out.model_copy(update={"fingerprint": st.fingerprint})
+                changed = True
+    return problems, (refreshed if changed and not problems else None)
+
+
+def verify_outputs(storage: Storage, record: ShardRecord, deep: bool = True) -> list[str]:
+    """Problems with a record's outputs ([] = all present and, if ``deep``, hashing as recorded)."""
+    return check_outputs(storage, record, deep=deep)[0]
 
 
 def classify(
@@ -137,8 +185,14 @@ def classify(
 
 
 def output_ref(storage: Storage, ref: str) -> OutputRef:
-    """Describe a just-published output for a manifest record."""
-    return OutputRef(ref=ref, digest=storage.digest(ref), bytes=storage.size(ref))
+    """Describe a just-published output for a manifest record (its fingerprint taken first, so a
+    rewrite racing with the hash shows up as a changed fingerprint, never as a trusted one)."""
+    st = storage.stat(ref)
+    return OutputRef(ref=ref, digest=storage.digest(ref), bytes=st.size, fingerprint=st.fingerprint)
+
+
+def remove_record(storage: Storage, stage: str, shard_id: str) -> None:
+    storage.remove(record_ref(stage, shard_id))
 
 
 def summarize(records: dict[str, ShardRecord]) -> dict[str, Any]:

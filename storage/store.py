@@ -204,6 +204,60 @@ class Storage:
     def read_json(self, ref: str) -> Any:
         return json.loads(self.read_bytes(ref))
 
+    def stat(self, ref: str) -> "Stat":
+        """Size and metadata fingerprint of one object (one ``stat`` locally, one HEAD remotely).
+
+        Raises FileNotFoundError when it is absent. See :func:`fingerprint_of` for what the
+        fingerprint holds and why.
+        """
+        fs, path = self.resolve(ref)
+        if self.protocol_of(ref) == "file":
+            st = os.stat(path)
+            return Stat(st.st_size, f"size={st.st_size};mtime_ns={st.st_mtime_ns}")
+        try:
+            info = fs.info(path)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise self._wrap(exc, "cannot stat", ref) from None
+        return stat_of(info)
+
+    def stat_dir(self, ref: str) -> dict[str, "Stat"]:
+        """Name -> :class:`Stat` of every file directly under ``ref`` from ONE listing ({} if absent).
+
+        On an object store a listing carries size and ETag of up to 1000 keys per request, so
+        fingerprinting a stage's outputs costs a request per thousand files instead of one each.
+        """
+        fs, path = self.resolve(ref)
+        if self.protocol_of(ref) == "file":
+            out = {}
+            try:
+                with os.scandir(path) as it:
+                    for e in it:
+                        if e.is_file() and not e.name.startswith(TEMP_PREFIX):
+                            st = e.stat()
+                            out[e.name] = Stat(st.st_size, f"size={st.st_size};mtime_ns={st.st_mtime_ns}")
+            except (FileNotFoundError, NotADirectoryError):
+                return {}
+            return out
+        try:
+            entries = fs.ls(path, detail=True, refresh=True)
+        except FileNotFoundError:
+            return {}
+        except Exception as exc:  # noqa: BLE001
+            raise self._wrap(exc, "cannot list", ref) from None
+        return {posixpath.basename(e["name"].rstrip("/")): stat_of(e) for e in entries if e.get("type") != "directory"}
+
+    def glob_stats(self, pattern: str) -> dict[str, "Stat"]:
+        """Absolute URI -> :class:`Stat` of every file matching a glob, from the listing itself."""
+        fs, path = self.resolve(pattern)
+        proto = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+        if proto in ("file", "local"):
+            return {p: self.stat(p) for p in sorted(fs.glob(path)) if os.path.isfile(p)}
+        fs.invalidate_cache()  # a long-lived process (serve) must see files that arrived since
+        found = fs.glob(path, detail=True)
+        return {f"{proto}://{name}": stat_of(info) for name, info in sorted(found.items()) if info.get("type") != "directory"}
+
     def digest(self, ref: str) -> str:
         """sha256 of a stored object, streamed."""
         h = hashlib.sha256()
@@ -307,6 +361,46 @@ class Storage:
         fs, path = self.resolve(ref)
         if self.protocol_of(ref) == "file":
             os.makedirs(path, exist_ok=True)
+
+
+class Stat(tuple):
+    """``(size, fingerprint)`` of a stored object, from metadata only."""
+
+    __slots__ = ()
+
+    def __new__(cls, size: int, fingerprint: str):
+        return super().__new__(cls, (int(size), fingerprint))
+
+    @property
+    def size(self) -> int:
+        return self[0]
+
+    @property
+    def fingerprint(self) -> str:
+        return self[1]
+
+
+def fingerprint_of(info: dict[str, Any]) -> str:
+    """A metadata fingerprint from an fsspec ``info()``/listing entry; '' when it has none.
+
+    Size plus the object store's ETag (a content hash for single-part uploads, a hash of the part
+    hashes for multipart ones: it changes whenever the object is rewritten with other bytes), else
+    size plus modification time. Equal fingerprints mean "unchanged" without reading a byte; a
+    different one only means "look again": the caller re-hashes before calling anything stale.
+    """
+    size = info.get("size", info.get("Size"))
+    etag = info.get("ETag") or info.get("etag") or info.get("e_tag")
+    if etag:
+        return f"size={size};etag={str(etag).strip(chr(34))}"
+    for key in ("mtime", "LastModified", "last_modified", "updated", "modified", "created"):
+        value = info.get(key)
+        if value:
+            return f"size={size};{key}={value}"
+    return ""
+
+
+def stat_of(info: dict[str, Any]) -> Stat:
+    return Stat(int(info.get("size", info.get("Size")) or 0), fingerprint_of(info))
 
 
 def digest_bytes(data: bytes) -> str:

@@ -13,7 +13,7 @@ import zstandard
 from shardflow.dataprep.config import PrepConfig
 from shardflow.dataprep.demo_corpus import MALFORMED_KINDS, read_demo_corpus
 from shardflow.dataprep.doc_stages import CleanStage, FilterStage
-from shardflow.dataprep.stage import plan, run_stage
+from shardflow.dataprep.stage import plan, run_stage, shard_id_for
 from shardflow.storage import Storage
 from shardflow.storage.jsonl import iter_jsonl
 from shardflow.storage.manifest import ShardState, read_record
@@ -68,9 +68,11 @@ def write_inputs(storage: Storage) -> list[str]:
 def test_clean_then_filter(storage):
     cfg = PrepConfig(inputs=write_inputs(storage))
     clean, filt = CleanStage(cfg), FilterStage(cfg)
-    assert run_stage(clean, storage) == {"stage": "clean", "ran": ["000000", "000001"], "skipped": [], "failed": {}}
+    ida, idb = shard_id_for(storage.uri("in/a.jsonl.zst")), shard_id_for(storage.uri("in/b.jsonl.gz"))
+    assert (ida, idb) == (f"a-{ida[-10:]}", f"b-{idb[-10:]}")  # named after the file, format suffixes dropped
+    assert run_stage(clean, storage) == {"stage": "clean", "ran": [ida, idb], "skipped": [], "failed": {}, "retired": []}
 
-    rec = read_record(storage, "clean", "000000")
+    rec = read_record(storage, "clean", ida)
     assert set(rec.outputs) == {"docs", "quarantine"}
     assert rec.counts["records_in"] == 7 and rec.counts["docs_in"] == 4 and rec.counts["docs_out"] == 4
     assert rec.counts["quarantined.invalid_json"] == rec.counts["quarantined.not_an_object"] == rec.counts["quarantined.null_text"] == 1
@@ -84,12 +86,12 @@ def test_clean_then_filter(storage):
     assert docs[0]["text"] == PARAGRAPHS[0]  # stripped, zero-width space and double space gone
     assert docs[0]["source"] == "a.jsonl.zst" and docs[0]["meta"] == {"url": "u0"}
 
-    rec_b = read_record(storage, "clean", "000001")
+    rec_b = read_record(storage, "clean", idb)
     assert rec_b.counts["dropped.clean.empty_after_clean"] == 1 and rec_b.counts["docs_out"] == 1
     assert list(iter_jsonl(storage, rec_b.outputs["quarantine"].ref)) == []  # written, empty
 
-    assert run_stage(filt, storage)["ran"] == ["000000", "000001"]
-    frec = read_record(storage, "filter", "000000")
+    assert run_stage(filt, storage)["ran"] == [ida, idb]
+    frec = read_record(storage, "filter", ida)
     kept = list(iter_jsonl(storage, frec.outputs["docs"].ref))
     assert [d["id"] for d in kept] == ["good-0", "good-1"]
     assert kept[0]["meta"]["lang"] == "en" and kept[0]["meta"]["lang_score"] >= 0.65
@@ -100,14 +102,18 @@ def test_clean_then_filter(storage):
     assert "dropped" not in frec.outputs
 
     # a second run finds everything done
-    assert run_stage(clean, storage)["skipped"] == ["000000", "000001"]
-    assert run_stage(filt, storage)["skipped"] == ["000000", "000001"]
+    assert run_stage(clean, storage)["skipped"] == [ida, idb]
+    assert run_stage(filt, storage)["skipped"] == [ida, idb]
     # and a forced re-run rewrites the very same bytes
     before = _all_bytes(storage)
     assert len(before) == 6
-    assert run_stage(clean, storage, force=True)["ran"] == ["000000", "000001"]
-    assert run_stage(filt, storage, force=True)["ran"] == ["000000", "000001"]
+    assert run_stage(clean, storage, force=True)["ran"] == [ida, idb]
+    assert run_stage(filt, storage, force=True)["ran"] == [ida, idb]
     assert _all_bytes(storage) == before
+
+
+def shard_ids(storage: Storage, cfg: PrepConfig) -> list[str]:
+    return [s.shard_id for s in CleanStage(cfg).shards(storage)]
 
 
 def _all_bytes(storage: Storage) -> dict[str, bytes]:
@@ -132,7 +138,7 @@ def test_outputs_are_byte_identical_across_runs(tmp_path):
     one, two = (_all_bytes(s) for s in roots)
     assert len(one) == 8 and one == two  # per shard: clean docs, quarantine, filter docs, dropped
     for stage in ("clean", "filter"):
-        for shard in ("000000", "000001"):
+        for shard in shard_ids(roots[0], cfg):
             r1, r2 = read_record(roots[0], stage, shard), read_record(roots[1], stage, shard)
             assert {k: v.digest for k, v in r1.outputs.items()} == {k: v.digest for k, v in r2.outputs.items()}
 
@@ -142,8 +148,9 @@ def test_write_dropped_keeps_each_dropped_document_with_its_reason(local_storage
     cfg.filter.write_dropped = True
     run_stage(CleanStage(cfg), local_storage)
     run_stage(FilterStage(cfg), local_storage)
-    rec = read_record(local_storage, "filter", "000000")
-    assert rec.outputs["dropped"].ref == "stages/filter/_dropped/000000.jsonl.zst"
+    first = shard_ids(local_storage, cfg)[0]
+    rec = read_record(local_storage, "filter", first)
+    assert rec.outputs["dropped"].ref == f"stages/filter/_dropped/{first}.jsonl.zst"
     dropped = list(iter_jsonl(local_storage, rec.outputs["dropped"].ref))
     assert [(d["id"], d["filter"], d["reason"]) for d in dropped] == [
         ("de", "language", "other_language"), ("short", "gopher_quality", "gopher_short_doc")]
@@ -161,15 +168,20 @@ def test_config_digests_cover_exactly_their_sections(local_storage):
     assert FilterStage(tuned).config_digest() != FilterStage(base).config_digest()
     assert {p.state for p in plan(CleanStage(tuned), local_storage)} == {ShardState.DONE}
     assert {p.state for p in plan(FilterStage(tuned), local_storage)} == {ShardState.STALE}
-    assert run_stage(FilterStage(tuned), local_storage)["ran"] == ["000000", "000001"]
-    assert read_record(local_storage, "filter", "000000").config_digest == FilterStage(tuned).config_digest()
+    ids = shard_ids(local_storage, base)
+    assert run_stage(FilterStage(tuned), local_storage)["ran"] == ids
+    assert read_record(local_storage, "filter", ids[0]).config_digest == FilterStage(tuned).config_digest()
 
-    for change in (lambda c: setattr(c.clean, "mask_emails", True), lambda c: setattr(c.read, "text_field", "body"),
-                   lambda c: c.inputs.append("in/other.jsonl")):
+    for change in (lambda c: setattr(c.clean, "mask_emails", True), lambda c: setattr(c.read, "text_field", "body")):
         other = base.model_copy(deep=True)
         change(other)
         assert CleanStage(other).config_digest() != CleanStage(base).config_digest()
         assert FilterStage(other).config_digest() == FilterStage(base).config_digest()
+    # The input list is no config: each shard's own input is in its input digest instead.
+    other = base.model_copy(deep=True)
+    other.inputs.append("in/other.jsonl")
+    other.workers = 7
+    assert CleanStage(other).config_digest() == CleanStage(base).config_digest()
 
 
 def test_corrupt_input_is_quarantined_and_shard_still_done(local_storage):
@@ -180,10 +192,11 @@ def test_corrupt_input_is_quarantined_and_shard_still_done(local_storage):
     local_storage.write_bytes("in/fake.jsonl.gz", b'{"id": "x", "text": "plain"}\n')
     cfg = PrepConfig(inputs=["in/cut.jsonl.zst", "in/fake.jsonl.gz"])
     result = run_stage(CleanStage(cfg), local_storage)
-    assert result["ran"] == ["000000", "000001"] and not result["failed"]
-    cut = read_record(local_storage, "clean", "000000")
+    ids = shard_ids(local_storage, cfg)
+    assert result["ran"] == ids and not result["failed"]
+    cut = read_record(local_storage, "clean", ids[0])
     assert cut.counts["quarantined.truncated_stream"] == 1 and 0 < cut.counts["docs_out"] < 300
-    fake = read_record(local_storage, "clean", "000001")
+    fake = read_record(local_storage, "clean", ids[1])
     assert fake.counts["quarantined.corrupt_stream"] == 1 and fake.counts.get("docs_out", 0) == 0
 
 
@@ -203,7 +216,8 @@ def test_demo_corpus_malformed_lines_and_planted_fragments(local_storage):
     with the reason each kind should get, and its 6 planted low-quality fragments are filtered out."""
     cfg = PrepConfig(inputs=[_demo_subset(local_storage)])
     run_stage(CleanStage(cfg), local_storage)
-    rec = read_record(local_storage, "clean", "000000")
+    (only,) = shard_ids(local_storage, cfg)
+    rec = read_record(local_storage, "clean", only)
     reason_of = {"invalid_json": "invalid_json", "json_array": "not_an_object", "json_scalar": "not_an_object",
                  "invalid_utf8": "invalid_utf8", "missing_text": "missing_text", "null_text": "null_text",
                  "empty_text": "empty_text", "numeric_text": "non_string_text", "list_text": "non_string_text"}
@@ -215,7 +229,7 @@ def test_demo_corpus_malformed_lines_and_planted_fragments(local_storage):
     assert rec.counts["records_in"] == rec.counts["docs_in"] + sum(expected.values())
 
     run_stage(FilterStage(cfg), local_storage)
-    kept = {d["id"] for d in iter_jsonl(local_storage, read_record(local_storage, "filter", "000000").outputs["docs"].ref)}
+    kept = {d["id"] for d in iter_jsonl(local_storage, read_record(local_storage, "filter", only).outputs["docs"].ref)}
     planted = [d["id"] for d in iter_jsonl(local_storage, rec.outputs["docs"].ref) if d["meta"].get("planted") == "low_quality"]
     assert len(planted) == 6 and not kept & set(planted)
     assert len(kept) > 20
@@ -230,7 +244,7 @@ def test_stage_names_and_shards_follow_the_protocol(local_storage, stage_cls):
         assert stage.shards(local_storage) == []  # nothing upstream yet
         run_stage(CleanStage(cfg), local_storage)
     specs = stage.shards(local_storage)
-    assert [s.shard_id for s in specs] == ["000000", "000001"]
+    assert [s.shard_id for s in specs] == [shard_id_for(local_storage.uri(r)) for r in cfg.inputs]
 
 
 def test_stages_pickle_for_process_pools(local_storage):
@@ -241,5 +255,6 @@ def test_stages_pickle_for_process_pools(local_storage):
     cfg.clean.mask_emails = True
     clean, filt = (pickle.loads(pickle.dumps(s)) for s in (CleanStage(cfg), FilterStage(cfg)))
     assert clean.config_digest() == CleanStage(cfg).config_digest()
-    assert run_stage(clean, local_storage)["ran"] == ["000000", "000001"]
-    assert run_stage(filt, local_storage)["ran"] == ["000000", "000001"]
+    ids = shard_ids(local_storage, cfg)
+    assert run_stage(clean, local_storage)["ran"] == ids
+    assert run_stage(filt, local_storage)["ran"] == ids

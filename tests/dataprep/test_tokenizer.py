@@ -124,7 +124,14 @@ def test_rerun_skips_and_changed_upstream_makes_it_stale(local_storage, docs):
     assert run_stage(stage, local_storage)["ran"] == ["_all"]
     assert run_stage(stage, local_storage)["skipped"] == ["_all"]
     make_upstream(local_storage, docs[:-5], 2)
-    assert [p.state for p in plan(stage, local_storage)] == [ShardState.STALE]
+    # Trained once: changed documents leave it as it is (an append must not re-tokenize everything) ...
+    assert [p.state for p in plan(stage, local_storage)] == [ShardState.DONE]
+    # ... unless asked to follow the data, or forced.
+    retrain = TokenizerStage(small_cfg(retrain_on_new_data=True))
+    assert retrain.config_digest() == stage.config_digest()
+    assert [p.state for p in plan(retrain, local_storage)] == [ShardState.STALE]
+    assert run_stage(stage, local_storage, force=True)["ran"] == ["_all"]
+    assert [p.state for p in plan(retrain, local_storage)] == [ShardState.DONE]  # pinned to what it trained on now
     assert TokenizerStage(small_cfg(num_threads=1)).config_digest() == stage.config_digest()
     assert TokenizerStage(small_cfg(vocab_size=700)).config_digest() != stage.config_digest()
 

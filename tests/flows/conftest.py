@@ -43,6 +43,14 @@ def corpus(tmp_path) -> Path:
     return tmp_path / "in"
 
 
+def sid(inputs_dir, i: int) -> str:
+    """The shard id of ``part-<i>.jsonl`` in ``inputs_dir`` (ids come from the file, not its position)."""
+    from shardflow.dataprep.stage import shard_id_for
+    from shardflow.storage import Storage
+
+    return shard_id_for(Storage(".").uri(str(Path(inputs_dir) / f"part-{i}.jsonl")))
+
+
 def toy_config(root, inputs_dir, *overrides: str):
     return load_config(None, [f"storage.root={root}", f"prep.inputs=['{inputs_dir}/*.jsonl']", "prep.workers=2",
                               "flows.runner=thread", "flows.retry_delay_s=0.05", "flows.progress_min_shards=2",
@@ -99,4 +107,4 @@ def ran_shards(flow_run_id: str, expect: int | None = None) -> list[str]:
     return sorted(r.name for r in flow_task_runs(flow_run_id, expect) if r.task_key.startswith("shard_task"))
 
 
-__all__ = ["FACTORY", "write_corpus", "toy_config", "flow_task_runs", "ran_shards"]
+__all__ = ["FACTORY", "write_corpus", "sid", "toy_config", "flow_task_runs", "ran_shards"]

@@ -16,7 +16,7 @@ from shardflow.flows.status import collect_status
 from shardflow.storage import Storage, StorageError
 from shardflow.storage.manifest import read_record
 
-from .conftest import FACTORY, ran_shards, toy_config, write_corpus
+from .conftest import FACTORY, ran_shards, sid, toy_config, write_corpus
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -49,8 +49,8 @@ def done_root(tmp_path, corpus):
     cfg = toy_config(tmp_path / "root", corpus)
     first = prep(cfg)
     assert first["ok"], first
-    assert ran_shards(first["flow_run_id"], 7) == ["merge-_all", "upper-000000", "upper-000001", "upper-000002",
-                                                   "words-000000", "words-000001", "words-000002"]
+    assert ran_shards(first["flow_run_id"], 7) == ["merge-_all", f"upper-{sid(corpus, 0)}", f"upper-{sid(corpus, 1)}", f"upper-{sid(corpus, 2)}",
+                                                   f"words-{sid(corpus, 0)}", f"words-{sid(corpus, 1)}", f"words-{sid(corpus, 2)}"]
     return cfg
 
 
@@ -61,27 +61,27 @@ def test_rerun_of_a_done_root_runs_nothing(done_root):
     assert [s["skipped"] for s in again["stages"]] == [3, 3, 1]
 
 
-def test_deleted_output_redoes_exactly_that_shard(done_root):
+def test_deleted_output_redoes_exactly_that_shard(done_root, corpus):
     before = outputs(done_root.storage.root)
-    os.remove(os.path.join(done_root.storage.root, "stages/upper/000001.jsonl.zst"))
+    os.remove(os.path.join(done_root.storage.root, f"stages/upper/{sid(corpus, 1)}.jsonl.zst"))
     assert states(done_root)["upper"]["corrupt"] == 1
     out = prep(done_root)
     # Redone with the same bytes: nothing downstream is stale.
-    assert ran_shards(out["flow_run_id"], 1) == ["upper-000001"]
+    assert ran_shards(out["flow_run_id"], 1) == [f"upper-{sid(corpus, 1)}"]
     assert outputs(done_root.storage.root) == before
 
 
-def test_corrupted_output_redoes_exactly_that_shard(done_root):
-    path = os.path.join(done_root.storage.root, "stages/words/000002.jsonl.zst")
+def test_corrupted_output_redoes_exactly_that_shard(done_root, corpus):
+    path = os.path.join(done_root.storage.root, f"stages/words/{sid(corpus, 2)}.jsonl.zst")
     data = bytearray(open(path, "rb").read())
     data[len(data) // 2] ^= 0xFF  # same size: only the digest can tell
     open(path, "wb").write(bytes(data))
-    assert states(done_root)["words"]["done"] == 3  # status checks sizes only …
+    assert states(done_root)["words"]["corrupt"] == 1  # the rewrite changed its mtime: re-hashed …
     from shardflow.flows.status import verify
 
-    assert any("words shard 000002" in p for p in verify(done_root, FACTORY))  # … verify re-hashes
+    assert any(f"words shard {sid(corpus, 2)}" in p for p in verify(done_root, FACTORY))  # … as verify does
     out = prep(done_root)
-    assert ran_shards(out["flow_run_id"], 1) == ["words-000002"]
+    assert ran_shards(out["flow_run_id"], 1) == [f"words-{sid(corpus, 2)}"]
     assert verify(done_root, FACTORY) == []
 
 
@@ -89,7 +89,7 @@ def test_changed_input_redoes_its_shard_and_what_depends_on_it(done_root, corpus
     with open(corpus / "part-0.jsonl", "a") as f:
         f.write(json.dumps({"id": "new", "text": "A document added to the first input file later on."}) + "\n")
     out = prep(done_root)
-    assert ran_shards(out["flow_run_id"], 3) == ["merge-_all", "upper-000000", "words-000000"]
+    assert ran_shards(out["flow_run_id"], 3) == ["merge-_all", f"upper-{sid(corpus, 0)}", f"words-{sid(corpus, 0)}"]
 
 
 def test_changed_stage_config_makes_all_its_shards_stale(done_root, corpus):
@@ -97,53 +97,53 @@ def test_changed_stage_config_makes_all_its_shards_stale(done_root, corpus):
     st = states(cfg)
     assert st["upper"]["done"] == 3 and st["words"]["stale"] == 3
     out = prep(cfg)
-    assert ran_shards(out["flow_run_id"], 4) == ["merge-_all", "words-000000", "words-000001", "words-000002"]
+    assert ran_shards(out["flow_run_id"], 4) == ["merge-_all", f"words-{sid(corpus, 0)}", f"words-{sid(corpus, 1)}", f"words-{sid(corpus, 2)}"]
     assert states(cfg)["words"]["done"] == 3
 
 
-def test_shards_and_force_redo_exactly_the_named_shards(done_root):
-    out = prep(done_root, shards=["000001"])
+def test_shards_and_force_redo_exactly_the_named_shards(done_root, corpus):
+    out = prep(done_root, shards=[f"{sid(corpus, 1)}"])
     # Redone in every stage that has it; the result is unchanged, so merge stays done.
-    assert ran_shards(out["flow_run_id"], 2) == ["upper-000001", "words-000001"]
+    assert ran_shards(out["flow_run_id"], 2) == [f"upper-{sid(corpus, 1)}", f"words-{sid(corpus, 1)}"]
     out = prep(done_root, stage="upper", force=True)
-    assert ran_shards(out["flow_run_id"], 3) == ["upper-000000", "upper-000001", "upper-000002"]
-    bad = prep(done_root, shards=["000009"])
-    assert not bad["ok"] and "000009" in bad["error"]
+    assert ran_shards(out["flow_run_id"], 3) == [f"upper-{sid(corpus, 0)}", f"upper-{sid(corpus, 1)}", f"upper-{sid(corpus, 2)}"]
+    bad = prep(done_root, shards=["nosuch-0123456789"])
+    assert not bad["ok"] and "nosuch-0123456789" in bad["error"]
 
 
 def test_failing_shard_fails_the_flow_naming_it_and_the_others_finish(tmp_path):
-    inputs = tmp_path / "in"
+    inputs = corpus = tmp_path / "in"
     write_corpus(inputs, extra={1: [json.dumps({"id": "bad", "text": "this one is POISON for the stage"})]})
     cfg = toy_config(tmp_path / "root", inputs)
     out = prep(cfg)
     assert not out["ok"]
-    assert "stage 'upper'" in out["error"] and "000001" in out["error"] and "part-1.jsonl:7" in out["error"]
+    assert "stage 'upper'" in out["error"] and f"{sid(corpus, 1)}" in out["error"] and "part-1.jsonl:7" in out["error"]
     storage = Storage(cfg.storage.root)
-    assert read_record(storage, "upper", "000001").status == "failed"
-    assert read_record(storage, "upper", "000000").status == "done"
-    assert read_record(storage, "upper", "000002").status == "done"
+    assert read_record(storage, "upper", f"{sid(corpus, 1)}").status == "failed"
+    assert read_record(storage, "upper", f"{sid(corpus, 0)}").status == "done"
+    assert read_record(storage, "upper", f"{sid(corpus, 2)}").status == "done"
     # A data error is not retried, and the downstream stage never started.
     runs = ran_shards(out["flow_run_id"], 3)
-    assert runs == ["upper-000000", "upper-000001", "upper-000002"]
+    assert runs == [f"upper-{sid(corpus, 0)}", f"upper-{sid(corpus, 1)}", f"upper-{sid(corpus, 2)}"]
     st = states(cfg)["upper"]
     assert st["failed"] == 1 and st["done"] == 2
     # Fix the input: the re-run redoes the failed shard only, then the downstream stages.
     (inputs / "part-1.jsonl").write_text((inputs / "part-1.jsonl").read_text().replace("POISON", "fine"))
     out = prep(cfg)
     assert out["ok"]
-    assert ran_shards(out["flow_run_id"], 5) == ["merge-_all", "upper-000001", "words-000000", "words-000001", "words-000002"]
+    assert ran_shards(out["flow_run_id"], 5) == ["merge-_all", f"upper-{sid(corpus, 1)}", f"words-{sid(corpus, 0)}", f"words-{sid(corpus, 1)}", f"words-{sid(corpus, 2)}"]
 
 
 def test_transient_storage_error_is_retried(tmp_path, corpus):
     from .conftest import flow_task_runs
 
     cfg = toy_config(tmp_path / "root", corpus, "flows.retries=2")
-    Storage(cfg.storage.root).write_bytes("_flaky/000002", b"1")
+    Storage(cfg.storage.root).write_bytes(f"_flaky/{sid(corpus, 2)}", b"1")
     out = prep(cfg, stage="upper")
     assert out["ok"], out
     runs = {r.name: r for r in flow_task_runs(out["flow_run_id"], 3)}
-    assert runs["upper-000002"].run_count == 2 and runs["upper-000002"].state.is_completed()
-    assert runs["upper-000000"].run_count == 1
+    assert runs[f"upper-{sid(corpus, 2)}"].run_count == 2 and runs[f"upper-{sid(corpus, 2)}"].state.is_completed()
+    assert runs[f"upper-{sid(corpus, 0)}"].run_count == 1
 
 
 def test_retry_policy_separates_transient_from_data_errors():
@@ -170,8 +170,8 @@ def test_process_runner_writes_the_same_bytes_and_reports_failures(tmp_path, cor
     (corpus / "part-3.jsonl").write_text(json.dumps({"id": "p", "text": "POISON pill"}) + "\n")
     cfg = toy_config(tmp_path / "root-processes", corpus, "flows.runner=process", f"flows.process_pool={flavour}")
     out = prep(cfg)
-    assert not out["ok"] and "000003: ValueError:" in out["error"] and "part-3.jsonl:1" in out["error"]
-    assert ran_shards(out["flow_run_id"], 4) == ["upper-000000", "upper-000001", "upper-000002", "upper-000003"]
+    assert not out["ok"] and f"{sid(corpus, 3)}: ValueError:" in out["error"] and "part-3.jsonl:1" in out["error"]
+    assert ran_shards(out["flow_run_id"], 4) == [f"upper-{sid(corpus, 0)}", f"upper-{sid(corpus, 1)}", f"upper-{sid(corpus, 2)}", f"upper-{sid(corpus, 3)}"]
     mine, threads = outputs(cfg.storage.root), outputs(done_root.storage.root)
     upper = sorted(k for k in threads if k.startswith(("stages/upper/", "quarantine/upper/")))
     assert len(upper) == 6 and all(mine[k] == threads[k] for k in upper)
@@ -182,10 +182,11 @@ def test_stage_tables_summary_and_progress_are_published(tmp_path, corpus):
 
     out = prep(toy_config(tmp_path / "root", corpus, "prep.clean.min_chars=25"))
     arts = flow_artifacts(out["flow_run_id"])
-    assert {"prep-upper", "prep-words", "prep-merge", "prep-summary", "prep-upper-progress"} <= set(arts)
+    assert {"prep-upper", "prep-words", "prep-merge", "prep-summary", "prep-upper-progress", "prep-status"} <= set(arts)
+    assert "| upper | 3 | 3 | 0 | 0 | 0 | 0 | nothing |" in arts["prep-status"].data
     rows = arts["prep-upper"].data
     rows = json.loads(rows) if isinstance(rows, str) else rows
-    assert [r["shard"] for r in rows] == ["000000", "000001", "000002", "TOTAL (3 shards)"]
+    assert [r["shard"] for r in rows] == [f"{sid(corpus, 0)}", f"{sid(corpus, 1)}", f"{sid(corpus, 2)}", "TOTAL (3 shards)"]
     total = rows[-1]
     # 5 docs and one malformed line per file; "Short. (file i, doc 4)" is under 25 characters.
     assert (total["docs_in"], total["docs_out"], total["quarantined"], total["dropped.length"]) == (15, 12, 3, 3)

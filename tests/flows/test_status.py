@@ -9,9 +9,10 @@ import numpy as np
 from shardflow.dataprep.stage import run_stage
 from shardflow.flows.status import collect_status, format_status, print_status, verify
 from shardflow.storage import Storage
+from shardflow.storage.manifest import read_record
 from shardflow.storage.shards import ShardWriter, make_index, write_index
 
-from .conftest import FACTORY, toy_config, write_corpus
+from .conftest import FACTORY, sid, toy_config, write_corpus
 from .toy_stages import build
 
 
@@ -24,34 +25,55 @@ def by_stage(status):
     return {r["stage"]: r for r in status["stages"]}
 
 
-def test_status_counts_every_state_and_totals(tmp_path):
+def test_status_counts_every_state_with_its_reason_and_carries_it_downstream(tmp_path):
     inputs = tmp_path / "in"
     write_corpus(inputs, n_files=4)
     cfg = toy_config(tmp_path / "root", inputs)
+    s = [sid(inputs, i) for i in (0, 1, 2, 3, 9)]
     st = by_stage(collect_status(cfg, FACTORY))
-    assert (st["upper"]["shards"], st["upper"]["pending"], st["words"]["shards"]) == (4, 4, 0)
+    # Nothing has run: upper's four shards are missing, and so (predicted) are words' and merge's.
+    assert (st["upper"]["shards"], st["upper"]["pending"], st["words"]["pending"], st["merge"]["pending"]) == (4, 4, 4, 1)
     run_all(cfg)
+    assert collect_status(cfg, FACTORY)["next_run"] == {}
     root = cfg.storage.root
-    os.remove(os.path.join(root, "stages/upper/000000.jsonl.zst"))                 # corrupt (missing output)
+    os.remove(os.path.join(root, f"stages/upper/{s[0]}.jsonl.zst"))               # corrupt (missing output)
     with open(inputs / "part-1.jsonl", "a") as f:                                  # stale (input changed)
         f.write(json.dumps({"id": "x", "text": "one more document for the second file"}) + "\n")
-    rec = json.load(open(os.path.join(root, "stages/upper/_manifest/000002.json")))
+    rec = json.load(open(os.path.join(root, f"stages/upper/_manifest/{s[2]}.json")))
     rec.update(status="failed", error="ValueError: boom")                          # failed
-    json.dump(rec, open(os.path.join(root, "stages/upper/_manifest/000002.json"), "w"))
+    json.dump(rec, open(os.path.join(root, f"stages/upper/_manifest/{s[2]}.json"), "w"))
     write_corpus(tmp_path / "extra", n_files=1)
     os.rename(tmp_path / "extra" / "part-0.jsonl", inputs / "part-9.jsonl")        # pending (new input)
+    os.utime(inputs / "part-3.jsonl", (1, 1))                                      # touched only: still done
     status = collect_status(cfg, FACTORY)
     up = by_stage(status)["upper"]
     assert {k: up[k] for k in ("shards", "done", "pending", "stale", "failed", "corrupt")} == \
         {"shards": 5, "done": 1, "pending": 1, "stale": 1, "failed": 1, "corrupt": 1}
-    assert up["failed_shards"] == ["000002"]
-    # Downstream nothing has been redone yet: words lists the shards whose upstream is done (the
-    # failed one drops out of its plan), merge still matches the words records it was built from.
+    assert up["reasons"] == {"missing": 1, "input changed": 1, "failed": 1, "corrupt": 1}
+    assert up["failed_shards"] == [s[2]]
+    # Transitive: words redoes what upper redoes (upstream changed) and gains the new shard;
+    # only part-3's shard stays done; merge, a global stage, will run again.
     words, merge = by_stage(status)["words"], by_stage(status)["merge"]
-    assert (words["shards"], words["done"], merge["done"]) == (3, 3, 1)
-    assert words["tokens"] == 3 * merge["tokens"] // 4 > 0  # four equal files were merged, three are counted
+    assert {w["shard"]: w["reason"] for w in words["work"]} == {
+        s[0]: "upstream changed", s[1]: "upstream changed", s[2]: "missing", s[4]: "missing"}
+    assert (words["done"], words["stale"], words["pending"]) == (1, 2, 2)
+    assert merge["stale"] == 1 and merge["reasons"] == {"upstream changed": 1}
     text = format_status(status)
-    assert "upper" in text and "failed shards 000002" in text
+    assert f"failed shards {s[2]}" in text and "upstream changed" in text and "next run: upper (" in text
+    # Status only reads: the touched file's record still holds the old fingerprint.
+    assert read_record(Storage(root), "upper", s[3]).fingerprints != {}
+    before = read_record(Storage(root), "upper", s[3]).fingerprints
+    collect_status(cfg, FACTORY)
+    assert read_record(Storage(root), "upper", s[3]).fingerprints == before
+
+
+def test_status_names_a_config_change_and_its_downstream(tmp_path, corpus):
+    cfg = toy_config(tmp_path / "root", corpus)
+    run_all(cfg)
+    changed = toy_config(tmp_path / "root", corpus, "prep.clean.min_chars=25")  # upper's knob
+    st = by_stage(collect_status(changed, FACTORY))
+    assert st["upper"]["reasons"] == {"config changed": 3}
+    assert st["words"]["reasons"] == {"upstream changed": 3} and st["merge"]["reasons"] == {"upstream changed": 1}
 
 
 def test_status_json_is_machine_readable(tmp_path, corpus, capsys):
@@ -87,12 +109,12 @@ def test_verify_rehashes_stage_outputs_and_tar_shards(tmp_path, corpus, capsys):
         data[len(data) // 2] ^= 0x01
         open(path, "wb").write(bytes(data))
 
-    flip("stages/words/000001.jsonl.zst")
+    flip(f"stages/words/{sid(corpus, 1)}.jsonl.zst")
     flip("shards/train-000001.tar")
     storage.write_bytes("shards/train-000009.tar", b"\0" * 1024)
     problems = verify(cfg, FACTORY)
     assert len(problems) == 3, problems
-    assert any("words shard 000001" in p and "digest" in p for p in problems)
+    assert any(f"words shard {sid(corpus, 1)}" in p and "digest" in p for p in problems)
     assert any("train-000001.tar" in p and "sha256" in p for p in problems)
     assert any("train-000009.tar" in p and "not listed" in p for p in problems)
     assert capsys.readouterr().out.count("PROBLEM") == 3

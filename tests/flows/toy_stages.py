@@ -27,6 +27,7 @@ FACTORY = "tests.flows.toy_stages:build"
 
 class UpperStage:
     name = "upper"
+    per_shard = True
 
     def __init__(self, cfg: PrepConfig):
         self.cfg = cfg
@@ -35,7 +36,7 @@ class UpperStage:
         return input_shards(storage, self.cfg.inputs)
 
     def config_digest(self) -> str:
-        return digest_json({"stage": self.name, "version": 1, "inputs": self.cfg.inputs, "min_chars": self.cfg.clean.min_chars})
+        return digest_json({"stage": self.name, "version": 1, "min_chars": self.cfg.clean.min_chars})
 
     def process(self, storage: Storage, spec: ShardSpec) -> ShardOutput:
         flaky = f"_flaky/{spec.shard_id}"
@@ -68,6 +69,7 @@ class UpperStage:
 
 class WordsStage:
     name = "words"
+    per_shard = True
 
     def __init__(self, cfg: PrepConfig):
         self.cfg = cfg
@@ -95,6 +97,7 @@ class MergeStage:
     """One global shard over every words shard (like the tokenizer or pack stages)."""
 
     name = "merge"
+    per_shard = False
 
     def __init__(self, cfg: PrepConfig):
         self.cfg = cfg

@@ -325,8 +325,10 @@ def snapshot(root: str | Path) -> dict[str, Any]:
             data = f.read()
         if "/_manifest/" in rel:
             rec = json.loads(data)
-            for k in ("wall_time_s", "finished_at"):
+            for k in ("wall_time_s", "finished_at", "fingerprints"):  # fingerprints: mtimes/ETags of this copy
                 rec.pop(k, None)
+            for o in rec.get("outputs", {}).values():
+                o.pop("fingerprint", None)
             out[rel] = rec
         else:
             out[rel] = data
