@@ -36,6 +36,7 @@ from shardflow.storage.manifest import (
     check_outputs,
     list_records,
     output_ref,
+    record_session,
     remove_record,
     write_record,
 )
@@ -289,10 +290,12 @@ def run_stage(stage: Stage, storage: Storage, only: Iterable[str] | None = None,
               deep_verify: bool = False) -> dict[str, Any]:
     """Run a stage's pending shards in this process (no orchestration); used by tests and benches."""
     done, failed, skipped = [], {}, []
-    specs = stage.shards(storage)
-    records = list_records(storage, stage.name)
-    retired = retire_orphans(stage, storage, specs, records)
-    for p in plan(stage, storage, only=only, force=force, deep_verify=deep_verify, specs=specs, records=records):
+    with record_session():
+        specs = stage.shards(storage)
+        records = list_records(storage, stage.name)
+        retired = retire_orphans(stage, storage, specs, records)
+        planned = plan(stage, storage, only=only, force=force, deep_verify=deep_verify, specs=specs, records=records)
+    for p in planned:
         if not p.needs_work:
             skipped.append(p.spec.shard_id)
             continue

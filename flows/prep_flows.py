@@ -42,7 +42,7 @@ from shardflow.flows import artifacts
 from shardflow.flows.runners import ShardRunner, prefect_api, shard_pool
 from shardflow.storage import Storage
 from shardflow.storage.lock import RootLock
-from shardflow.storage.manifest import list_records
+from shardflow.storage.manifest import list_records, record_session
 
 if TYPE_CHECKING:
     from shardflow.flows.config import PipelineConfig
@@ -134,18 +134,19 @@ def run_stage_tasks(stage: Stage, storage: Storage, cfg: PipelineConfig, runner,
     ``runner``, publish its table."""
     logger = get_run_logger()
     t0 = time.perf_counter()
-    specs = stage.shards(storage)
-    records = list_records(storage, stage.name)
-    retired = retire_orphans(stage, storage, specs, records)
-    if retired:
-        logger.info("stage %s: retired %d shard(s) whose input is gone: %s", stage.name, len(retired),
-                    ", ".join(retired[:10]) + (" ..." if len(retired) > 10 else ""))
-        records = {k: v for k, v in records.items() if k not in retired}
-    ids = {s.shard_id for s in specs}
-    wanted = (only & ids) if only else None
-    planned: list[PlannedShard] = plan(stage, storage, only=wanted or None,
-                                       force=force if (not only or wanted) else False, deep_verify=verify,
-                                       specs=specs, records=records)
+    with record_session():  # planning only: shard tasks write records from other threads/processes
+        specs = stage.shards(storage)
+        records = list_records(storage, stage.name)
+        retired = retire_orphans(stage, storage, specs, records)
+        if retired:
+            logger.info("stage %s: retired %d shard(s) whose input is gone: %s", stage.name, len(retired),
+                        ", ".join(retired[:10]) + (" ..." if len(retired) > 10 else ""))
+            records = {k: v for k, v in records.items() if k not in retired}
+        ids = {s.shard_id for s in specs}
+        wanted = (only & ids) if only else None
+        planned: list[PlannedShard] = plan(stage, storage, only=wanted or None,
+                                           force=force if (not only or wanted) else False, deep_verify=verify,
+                                           specs=specs, records=records)
     pending = [p for p in planned if p.needs_work]
     for p in pending[:20]:
         logger.info("stage %s shard %s: %s%s", stage.name, p.spec.shard_id, p.reason, f" ({p.detail})" if p.detail else "")

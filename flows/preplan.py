@@ -19,7 +19,7 @@ from typing import Any
 from shardflow.dataprep.stage import Stage, orphans, plan
 from shardflow.dataprep.stages import DEFAULT_FACTORY, load_factory, select_stages
 from shardflow.storage.lock import RootLock
-from shardflow.storage.manifest import list_records
+from shardflow.storage.manifest import list_records, record_session
 
 
 class RequestError(ValueError):
@@ -76,7 +76,7 @@ def preplan(cfg: Any, stage: str = "all", shards: list[str] | None = None, force
     specs_by_stage: dict[str, list] = {}
     result = Preplan(stages, None)
     lock = RootLock(storage, purpose="shardflow prep", wait_s=cfg.flows.lock_wait_s, ttl_s=cfg.flows.lock_ttl_s)
-    with lock:  # a plan may refresh fingerprints in records, so it writes like a run
+    with lock, record_session():  # a plan may refresh fingerprints in records, so it writes like a run
         for i, st in enumerate(stages):
             if (force or result.work) and not shards:
                 break

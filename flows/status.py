@@ -21,7 +21,7 @@ from shardflow.dataprep.stage import PlannedShard, Reason, ShardSpec, Stage, orp
 from shardflow.dataprep.stages import DEFAULT_FACTORY, load_factory
 from shardflow.flows import artifacts
 from shardflow.storage import Storage
-from shardflow.storage.manifest import ShardState, list_records, verify_outputs
+from shardflow.storage.manifest import ShardState, list_records, record_session, verify_outputs
 
 STATE_COLUMNS = ("done", "pending", "stale", "failed", "corrupt")
 _STATE_NAME = {ShardState.DONE: "done", ShardState.MISSING: "pending", ShardState.STALE: "stale",
@@ -111,9 +111,10 @@ def collect_status(cfg, stage_factory: str = DEFAULT_FACTORY, deep: bool = False
     rows = []
     upstream: set[str] | None = set()
     known: set[str] = set()
-    for stage in stages:
-        row, upstream, known = stage_status(stage, storage, deep=deep, upstream=upstream, known=known)
-        rows.append(row)
+    with record_session():  # read-only: each record is read once however many stages list it
+        for stage in stages:
+            row, upstream, known = stage_status(stage, storage, deep=deep, upstream=upstream, known=known)
+            rows.append(row)
     out: dict[str, Any] = {"root": storage.root, "stages": rows,
                            "next_run": {r["stage"]: r["reasons"] for r in rows if r["reasons"] or r["orphaned"]}}
     if storage.exists("shards/index.json"):

@@ -13,8 +13,12 @@ fingerprint is refreshed. Full re-hashing is ``shardflow verify``'s job and a ru
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import enum
+import json
 import time
+from collections.abc import Iterator
 from importlib import metadata
 from typing import Any
 
@@ -73,26 +77,87 @@ def record_ref(stage: str, shard_id: str) -> str:
     return f"{manifest_dir(stage)}/{shard_id}.json"
 
 
+_SESSION: contextvars.ContextVar[dict[str, ShardRecord | None] | None] = contextvars.ContextVar(
+    "shardflow_record_session", default=None)
+
+
+@contextlib.contextmanager
+def record_session() -> Iterator[None]:
+    """Within the block, each manifest record is read at most once.
+
+    Planning a pipeline lists the same stage's records several times (a stage's own plan, the
+    next stage's inputs, the dedup phases, pack); on an object store each is a GET. Only for a
+    caller that is the only writer of the root (it holds the root lock) or that only reads; the
+    records it writes or removes through this module update the session. Nested blocks share it.
+    """
+    if _SESSION.get() is not None:
+        yield
+        return
+    token = _SESSION.set({})
+    try:
+        yield
+    finally:
+        _SESSION.reset(token)
+
+
+def _encode(record: ShardRecord) -> bytes:
+    # Compact: a no-op plan reads every record of every stage, so their size is its cost.
+    return json.dumps(record.model_dump(mode="json"), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
 def write_record(storage: Storage, record: ShardRecord) -> None:
-    storage.write_json(record_ref(record.stage, record.shard_id), record.model_dump(mode="json"))
+    ref = record_ref(record.stage, record.shard_id)
+    storage.write_bytes(ref, _encode(record) + b"\n")
+    cache = _SESSION.get()
+    if cache is not None:
+        cache[storage.uri(ref)] = record
+
+
+def remove_record(storage: Storage, stage: str, shard_id: str) -> None:
+    ref = record_ref(stage, shard_id)
+    storage.remove(ref)
+    cache = _SESSION.get()
+    if cache is not None:
+        cache[storage.uri(ref)] = None
 
 
 def read_record(storage: Storage, stage: str, shard_id: str) -> ShardRecord | None:
+    ref = record_ref(stage, shard_id)
+    cache = _SESSION.get()
+    if cache is not None and storage.uri(ref) in cache:
+        return cache[storage.uri(ref)]
     try:
-        data = storage.read_json(record_ref(stage, shard_id))
+        rec = ShardRecord.model_validate(storage.read_json(ref))
     except FileNotFoundError:
-        return None
-    return ShardRecord.model_validate(data)
+        rec = None
+    if cache is not None:
+        cache[storage.uri(ref)] = rec
+    return rec
 
 
 def list_records(storage: Storage, stage: str) -> dict[str, ShardRecord]:
-    out = {}
-    for name in storage.list(manifest_dir(stage), suffix=".json"):
-        shard_id = name[: -len(".json")]
-        rec = read_record(storage, stage, shard_id)
+    """Every record of a stage by shard id: one listing, then the records not in the session,
+    fetched concurrently on object stores (one batch of GETs instead of one round trip each)."""
+    cache = _SESSION.get()
+    names = storage.list(manifest_dir(stage), suffix=".json")
+    refs = {name[: -len(".json")]: f"{manifest_dir(stage)}/{name}" for name in names}
+    out: dict[str, ShardRecord] = {}
+    todo = []
+    for shard_id, ref in refs.items():
+        if cache is not None and storage.uri(ref) in cache:
+            if cache[storage.uri(ref)] is not None:
+                out[shard_id] = cache[storage.uri(ref)]
+        else:
+            todo.append(shard_id)
+    data = storage.read_many([refs[s] for s in todo])
+    for shard_id in todo:
+        raw = data.get(refs[shard_id])
+        rec = ShardRecord.model_validate(json.loads(raw)) if raw is not None else None
+        if cache is not None:
+            cache[storage.uri(refs[shard_id])] = rec
         if rec is not None:
             out[shard_id] = rec
-    return out
+    return dict(sorted(out.items()))
 
 
 def list_stages(storage: Storage) -> list[str]:
@@ -190,9 +255,6 @@ def output_ref(storage: Storage, ref: str) -> OutputRef:
     st = storage.stat(ref)
     return OutputRef(ref=ref, digest=storage.digest(ref), bytes=st.size, fingerprint=st.fingerprint)
 
-
-def remove_record(storage: Storage, stage: str, shard_id: str) -> None:
-    storage.remove(record_ref(stage, shard_id))
 
 
 def summarize(records: dict[str, ShardRecord]) -> dict[str, Any]:
