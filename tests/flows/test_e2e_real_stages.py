@@ -72,8 +72,15 @@ def test_real_stages_end_to_end(real_config, capsys):
     assert status["shards"]["train"]["tokens"] > 0
     assert main(["verify", "--config", str(real_config)]) == 0
 
+    # Nothing to do: planned from the manifests, no flow starts.
+    first_run = last_flow_run_id()
+    capsys.readouterr()
     assert main(["prep", "all", "--config", str(real_config)]) == 0
-    assert ran_shards(last_flow_run_id()) == []
+    assert "nothing to do" in capsys.readouterr().out
+    assert last_flow_run_id() == first_run
+    # A --force run of one stage goes through the flow again.
+    assert main(["prep", "tokenizer", "--force", "--config", str(real_config)]) == 0
+    assert ran_shards(last_flow_run_id(), 1) == ["tokenizer-_all"]
 
     root = yaml.safe_load(real_config.read_text())["storage"]["root"]
     tar = os.path.join(root, "shards", "train-000000.tar")
