@@ -146,6 +146,8 @@ class Storage:
             entries = fs.ls(path, detail=True, refresh=True) if not self.is_local else fs.ls(path, detail=True)
         except FileNotFoundError:
             return []
+        except Exception as exc:  # noqa: BLE001 - re-raised with the URI and without secrets
+            raise self._wrap(exc, "cannot list", ref) from None
         names = []
         for e in entries:
             if e.get("type") == "directory":
@@ -278,7 +280,10 @@ class Storage:
         if proto in ("file", "local"):
             return {p: self.stat(p) for p in sorted(fs.glob(path)) if os.path.isfile(p)}
         fs.invalidate_cache()  # a long-lived process (serve) must see files that arrived since
-        found = fs.glob(path, detail=True)
+        try:
+            found = fs.glob(path, detail=True)
+        except Exception as exc:  # noqa: BLE001
+            raise self._wrap(exc, "cannot list", pattern) from None
         return {f"{proto}://{name}": stat_of(info) for name, info in sorted(found.items()) if info.get("type") != "directory"}
 
     def digest(self, ref: str) -> str:
