@@ -44,11 +44,11 @@ from shardflow.storage import Storage, digest_json
 from shardflow.storage.jsonl import iter_lines, read_parquet_table, write_parquet_table
 
 from .config import DedupConfig, PrepConfig
-from .dedup_common import (BUCKET_DIR, BUCKETS, CLUSTERS, DROP_DIR, EXACT_COLUMN, FORMAT_VERSION, GLOBAL_SHARD,
+from .dedup_append import earlier_drops, previous_state, restrict_to_new, write_state
+from .dedup_common import (BUCKET_DIR, BUCKETS, CLUSTERS, EXACT_COLUMN, FORMAT_VERSION, GLOBAL_SHARD,
                            META_KEY, MINHASH_COLUMN, NORMALIZATION_VERSION, REPORT_REF, SIG_DIR, bucket_ids, bucket_ref,
                            check_sig_params, concat, done_records, drop_ref, dumps, key_columns, shard_of_ref, sig_meta,
                            signature_inputs)
-from .dedup_append import earlier_drops, previous_state, restrict_to_new, write_state
 from .dedup_graph import Groups, connected_components, group_pairs, signature_similarity, sorted_jaccard, star_clusters
 from .dedup_signatures import read_signatures
 from .minhash import MinHasher

@@ -4,12 +4,11 @@ lists) matches what was dropped one for one, and the graph building blocks match
 from __future__ import annotations
 
 import random
-from concurrent.futures import ProcessPoolExecutor
 import multiprocessing as mp
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
 
 from shardflow.dataprep import dedup as dd
 from shardflow.dataprep import dedup_graph as graph
@@ -104,7 +103,10 @@ def test_templated_family_is_not_swept_into_one_cluster(local_storage):
 # -- determinism across workers and shards -----------------------------------------------------------------
 
 def _run_with_workers(storage: Storage, cfg: PrepConfig, workers: int) -> None:
-    ctx = mp.get_context("fork")
+    """Each phase's pending shards on a pool of ``workers`` processes (forkserver: the test
+    process may run threads, e.g. a Prefect server, which fork would copy mid-lock)."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["shardflow.dataprep.dedup"])   # imported once, in the server
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
         for stage in dd.dedup_stages(cfg):
             specs = [p.spec for p in plan(stage, storage) if p.needs_work]
