@@ -20,7 +20,7 @@ from shardflow.storage.jsonl import read_parquet_table, write_parquet_table
 
 from .config import PrepConfig
 from .dedup_common import (BUCKETS, FORMAT_VERSION, bucket_ids, bucket_of, bucket_ref, check_sig_params,
-                           columns_of_bucket, concat, key_columns, shard_of_ref, sig_meta, signature_inputs)
+                           columns_of_bucket, concat, key_columns, shard_of_ref, signature_inputs, table_meta)
 from .stage import ShardOutput, ShardSpec
 
 
@@ -52,8 +52,8 @@ class DedupBucketsStage:
         keys: dict[int, list[np.ndarray]] = {c: [] for c in mine}
         nodes: dict[int, list[np.ndarray]] = {c: [] for c in mine}
         for ordinal, ref in enumerate(refs):
-            check_sig_params(storage, ref, sig_meta(storage, ref), d)
-            table = read_parquet_table(storage, ref, [self.columns[c] for c in mine])
+            table = read_parquet_table(storage, ref, [self.columns[c] for c in mine])   # one open per file
+            check_sig_params(storage, ref, table_meta(storage, ref, table), d)
             for c in mine:
                 col = table.column(self.columns[c]).to_numpy()
                 idx = np.flatnonzero(bucket_of(c, col, len(self.columns), d.num_buckets) == bucket)

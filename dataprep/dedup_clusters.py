@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import xxhash
 
 from shardflow.storage import Storage, digest_json
@@ -84,17 +85,18 @@ class Decision:
 def load_groups(storage: Storage, bucket_refs: list[str], columns: list[str], ordinal: dict[str, int]) -> Groups:
     colpos = {c: i for i, c in enumerate(columns)}
     col_idx, keys, nodes = [], [], []
+    col_names = pa.array(list(colpos), type=pa.string())
+    shard_names = pa.array(list(ordinal), type=pa.string())
     for ref in bucket_refs:
         t = read_parquet_table(storage, ref)
-        cols = t.column("column").to_pylist()
-        shards = t.column("shard").to_pylist()
-        if not set(cols) <= colpos.keys() or not set(shards) <= ordinal.keys():
+        cols = pc.index_in(t.column("column"), value_set=col_names)     # vectorized name -> position
+        shards = pc.index_in(t.column("shard"), value_set=shard_names)
+        if cols.null_count or shards.null_count:
             raise ValueError(f"{storage.uri(ref)} names key columns or shards this run does not have "
                              f"(stale bucket file?): run dedup_buckets first")
-        col_idx.append(np.fromiter((colpos[c] for c in cols), dtype=np.int64, count=len(cols)))
+        col_idx.append(cols.to_numpy().astype(np.int64))
         keys.append(t.column("key").to_numpy())
-        nodes.append((np.fromiter((ordinal[x] for x in shards), dtype=np.uint64, count=len(shards)) << np.uint64(32))
-                     | t.column("idx").to_numpy().astype(np.uint64))
+        nodes.append((shards.to_numpy().astype(np.uint64) << np.uint64(32)) | t.column("idx").to_numpy().astype(np.uint64))
     col_a, key_a, node_a = concat(col_idx, np.int64), concat(keys, np.uint64), concat(nodes, np.uint64)
     order = np.lexsort((node_a, key_a, col_a))
     col_a, key_a, node_a = col_a[order], key_a[order], node_a[order]
@@ -203,6 +205,8 @@ def decide(groups: Groups, docs: Docs, d: DedupConfig, sets_of: Callable[[np.nda
     near = ~groups.exact
     pairs = group_pairs(groups.starts[near], groups.sizes[near], rep[groups.members], rank, docs.sig,
                         d.verify_all_pairs_up_to, d.verify_window)
+    if old is not None:              # two earlier documents are both kept already: nothing to decide
+        pairs = pairs[~(old[pairs[:, 0]] & old[pairs[:, 1]])]
     est = signature_similarity(pairs, docs.sig) if docs.sig is not None else np.ones(len(pairs))
     check = None
     if d.verify == "off":

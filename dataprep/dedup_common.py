@@ -101,7 +101,15 @@ def check_sig_params(storage: Storage, ref: str, meta: dict[str, Any], cfg: Dedu
 
 
 def sig_meta(storage: Storage, ref: str) -> dict[str, Any]:
-    meta = parquet_metadata(storage, ref)
+    return _parse_meta(storage, ref, parquet_metadata(storage, ref))
+
+
+def table_meta(storage: Storage, ref: str, table: Any) -> dict[str, Any]:
+    """The shardflow metadata of a signature file from a table already read from it."""
+    return _parse_meta(storage, ref, table.schema.metadata or {})
+
+
+def _parse_meta(storage: Storage, ref: str, meta: dict[bytes, bytes]) -> dict[str, Any]:
     if META_KEY not in meta:
         raise ValueError(f"{storage.uri(ref)} is not a shardflow signature file (no {META_KEY.decode()} metadata)")
     return json.loads(meta[META_KEY])
