@@ -179,11 +179,14 @@ def shingle_sets(storage: Storage, nodes: np.ndarray, docs: Docs, metas: list[di
         here = nodes[docs.shard[nodes] == o]
         want = dict(zip(docs.idx[here].tolist(), here.tolist()))
         texts, which = [], []
+        last = max(want)
         for idx, (_, line) in enumerate(iter_lines(storage, metas[o]["docs_ref"])):
             node = want.get(idx)
             if node is not None:
                 texts.append(json.loads(line)["text"])
                 which.append(node)
+            if idx == last:              # the rest of the shard is not needed
+                break
         if len(which) != len(want):
             raise ValueError(f"{storage.uri(metas[o]['docs_ref'])} has fewer documents than its signatures (stale?)")
         sets.update(zip(which, shingler.shingle_sets(texts, top32=True)))
