@@ -29,6 +29,7 @@ UPSTREAM = "filter"
 SIGNATURES, BUCKETS, CLUSTERS, FILTER = "dedup_signatures", "dedup_buckets", "dedup_clusters", "dedup"
 GLOBAL_SHARD = "_all"
 SIG_DIR, BUCKET_DIR, DROP_DIR = "dedup/signatures", "dedup/buckets", "dedup/drops"
+INDEX_DIR = "dedup/bucket_index"
 REPORT_REF = "dedup/clusters_report.json"
 STATE_REF = "dedup/state.json"
 EXACT_COLUMN = "exact"
@@ -42,6 +43,11 @@ def sig_ref(shard_id: str) -> str:
 
 def bucket_ref(bucket_id: str) -> str:
     return f"{BUCKET_DIR}/{bucket_id}.parquet"
+
+
+def index_ref(bucket_id: str) -> str:
+    """A bucket's index of all its keys (singletons included), for appending new shards."""
+    return f"{INDEX_DIR}/{bucket_id}.parquet"
 
 
 def drop_ref(shard_id: str) -> str:

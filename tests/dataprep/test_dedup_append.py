@@ -54,12 +54,16 @@ def test_new_shard_is_checked_against_kept_documents_and_itself(tmp_path, distin
     assert len(added) == 3 and distinct[60]["id"] not in added
     counts = list_records(storage, "dedup_clusters")["_all"].counts
     assert counts["nodes"] <= 10                                     # only groups holding a new document
+    buckets = list_records(storage, "dedup_buckets")
+    assert all(r.counts["files_read"] == 1 and r.counts["files_reused"] == 2 for r in buckets.values())
     assert report["kept"] == sum(len(s) for s in old) + len(new) - len(now)
 
     full = Storage(str(tmp_path / "full"))
     write_filter_shards(full, old + [new])
     run_dedup(full, cfg("full"))
     full_drops = dropped(full)
+    for b in buckets:                      # the bucket index gives the groups a full run gives
+        assert storage.read_bytes(dd.bucket_ref(b)) == full.read_bytes(dd.bucket_ref(b))
     new_ids = {d["id"] for d in new}
     full_new = {k for k in full_drops if k in new_ids}
     if distinct[2]["id"] in full_drops:     # the documented difference: full lets the new copy survive
