@@ -28,6 +28,7 @@ class DedupFilterStage:
     """Per filter shard: its documents minus the dropped ones (see the module docstring)."""
 
     name = FILTER
+    per_shard = True  # one shard per filter shard (for status predictions)
 
     def __init__(self, cfg: PrepConfig):
         self.cfg = cfg

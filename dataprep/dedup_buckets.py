@@ -34,6 +34,8 @@ class DedupBucketsStage:
     member of a group of two or more, sorted; singletons are not written."""
 
     name = BUCKETS
+    per_shard = False
+    appends = True  # new signature shards leave the earlier shards' dedup results as they are (status)
 
     def __init__(self, cfg: PrepConfig):
         self.cfg = cfg

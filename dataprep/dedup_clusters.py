@@ -246,10 +246,17 @@ class DedupClustersStage:
     """
 
     name = CLUSTERS
+    per_shard = False
 
     def __init__(self, cfg: PrepConfig):
         self.cfg = cfg
         self.columns = key_columns(cfg.dedup)
+
+    @property
+    def appends(self) -> bool:
+        """Whether a rerun for newly added shards keeps the earlier shards' drop lists (``status``
+        then predicts work for the new shards only, see dedup_append.py)."""
+        return self.cfg.dedup.incremental == "append"
 
     def shards(self, storage: Storage) -> list[ShardSpec]:
         inputs = signature_inputs(storage)

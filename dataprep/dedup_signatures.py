@@ -33,6 +33,7 @@ class DedupSignaturesStage:
     of every document (see the module docstring)."""
 
     name = SIGNATURES
+    per_shard = True  # one shard per filter shard (for status predictions)
 
     def __init__(self, cfg: PrepConfig):
         self.cfg = cfg

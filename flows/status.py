@@ -43,12 +43,15 @@ def is_per_shard(stage: Stage, ids: set[str], known: set[str]) -> bool:
 
 
 def stage_status(stage: Stage, storage: Storage, deep: bool = False, upstream: set[str] | None = frozenset(),
-                 known: set[str] = frozenset()) -> tuple[dict[str, Any], set[str] | None, set[str]]:
+                 known: set[str] = frozenset(), new_only: bool = False) -> tuple[dict[str, Any], set[str] | None, set[str], bool]:
     """One stage's row, the set of its shard ids the next run will redo (ALL = None for a global
-    stage that will run) and the shard ids of this stage if it is per-shard (else ``known``).
+    stage that will run), the shard ids of this stage if it is per-shard (else ``known``) and
+    whether every shard to redo is a new one.
 
     ``upstream``: shard ids the previous stage will redo (ALL: every shard may change);
-    ``known``: ids of the nearest per-shard stage upstream (to predict shards not listed yet).
+    ``known``: ids of the nearest per-shard stage upstream (to predict shards not listed yet);
+    ``new_only``: the upstream shards to redo are all new ones, so a global stage that appends
+    (``appends``: incremental dedup) leaves the earlier shards after it as they are.
     """
     row: dict[str, Any] = {"stage": stage.name, "shards": 0, **{c: 0 for c in STATE_COLUMNS}, "orphaned": 0,
                            "docs_in": 0, "docs_out": 0, "tokens": 0, "failed_shards": [], "reasons": {},
@@ -99,10 +102,14 @@ def stage_status(stage: Stage, storage: Storage, deep: bool = False, upstream: s
     row["orphaned"] = len(orphans(specs, records))
     redo = {sid for sid, state, _, _ in rows if state != "done"}
     if not per_shard:
-        # A global stage that reruns may change everything after it; one that stays done passes
-        # the per-shard changes before it on (tokenize depends on dedup's shards and the tokenizer).
-        return row, (ALL if redo else upstream), known
-    return row, redo, ids | {sid for sid, *_ in rows}
+        # A global stage that reruns may change everything after it, unless it only appends for
+        # new shards; one that stays done passes the per-shard changes before it on (tokenize
+        # depends on dedup's shards and on the tokenizer).
+        if redo and not (getattr(stage, "appends", False) and new_only and upstream is not ALL):
+            return row, ALL, known, False
+        return row, upstream, known, new_only
+    new = {sid for sid, state, reason, _ in rows if state != "done" and reason == Reason.MISSING}
+    return row, redo, ids | {sid for sid, *_ in rows}, redo == new
 
 
 def collect_status(cfg, stage_factory: str = DEFAULT_FACTORY, deep: bool = False) -> dict[str, Any]:
@@ -111,9 +118,10 @@ def collect_status(cfg, stage_factory: str = DEFAULT_FACTORY, deep: bool = False
     rows = []
     upstream: set[str] | None = set()
     known: set[str] = set()
+    new_only = False
     with record_session():  # read-only: each record is read once however many stages list it
         for stage in stages:
-            row, upstream, known = stage_status(stage, storage, deep=deep, upstream=upstream, known=known)
+            row, upstream, known, new_only = stage_status(stage, storage, deep, upstream, known, new_only)
             rows.append(row)
     out: dict[str, Any] = {"root": storage.root, "stages": rows,
                            "next_run": {r["stage"]: r["reasons"] for r in rows if r["reasons"] or r["orphaned"]}}

@@ -93,3 +93,40 @@ def test_real_stages_end_to_end(real_config, capsys):
     assert main(["prep", "all", "--config", str(real_config)]) == 0
     assert ran_shards(last_flow_run_id(), 1) == ["pack-_all"]
     assert main(["verify", "--config", str(real_config)]) == 0
+
+
+def test_appended_input_status_predicts_and_run_redoes_only_its_shards(real_config, capsys):
+    """Issue 14 end to end: a new input file; `status` says what the next run does and why; the
+    run does exactly that (new shards in per-shard stages, the global dedup phases and pack; the
+    tokenizer is kept); a removed file is retired downstream."""
+    from shardflow.dataprep.demo_corpus import read_demo_corpus
+    from shardflow.dataprep.stage import shard_id_for
+
+    assert main(["prep", "all", "--config", str(real_config)]) == 0
+    new = real_config.parent / "part-3.jsonl"
+    new.write_bytes(b"\n".join(read_demo_corpus().split(b"\n")[450:560]) + b"\n")
+    sid = shard_id_for(str(new))
+    capsys.readouterr()
+    assert main(["status", "--json", "--config", str(real_config)]) == 0
+    status = json.loads(capsys.readouterr().out)
+    work = {r["stage"]: {(w["shard"], w["reason"]) for w in r["work"]} for r in status["stages"]}
+    for stage in ("clean", "filter", "dedup_signatures", "dedup", "tokenize"):
+        assert work[stage] == {(sid, "missing")}, (stage, work[stage])
+    assert work["tokenizer"] == set()  # trained once, kept
+    assert work["dedup_clusters"] == {("_all", "upstream changed")} and work["pack"] == {("_all", "upstream changed")}
+    assert main(["prep", "all", "--config", str(real_config)]) == 0
+    ran = ran_shards(last_flow_run_id())
+    per_shard = sorted(r for r in ran if not r.endswith("_all") and not r.startswith("dedup_buckets-"))
+    assert per_shard == sorted(f"{st}-{sid}" for st in ("clean", "filter", "dedup_signatures", "dedup", "tokenize")), ran
+    assert "tokenizer-_all" not in ran and "pack-_all" in ran
+    capsys.readouterr()
+    assert main(["prep", "all", "--config", str(real_config)]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+
+    (real_config.parent / "part-1.jsonl").unlink()
+    gone = shard_id_for(str(real_config.parent / "part-1.jsonl"))
+    assert main(["prep", "all", "--config", str(real_config)]) == 0
+    root = yaml.safe_load(real_config.read_text())["storage"]["root"]
+    for stage in ("clean", "filter", "dedup_signatures", "dedup", "tokenize"):
+        assert not any(gone in name for name in os.listdir(os.path.join(root, "stages", stage, "_manifest"))), stage
+    assert main(["verify", "--config", str(real_config)]) == 0
