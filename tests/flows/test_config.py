@@ -73,13 +73,21 @@ def test_relative_paths_anchor_to_the_file(tmp_path):
 
 
 def test_resolved_config_written_with_digest_and_no_secret(tmp_path):
-    cfg = load_config(None, [f"storage.root={tmp_path / 'root'}", "storage.secret=planted-secret-123", "storage.key=AKIAPLANTED"])
+    cfg = load_config(None, [f"storage.root={tmp_path / 'root'}", "storage.secret=planted-secret-123", "storage.key=AKIAPLANTED",
+                             "storage.options={token: planted-token-456, config_kwargs: {retries: {max_attempts: 5}}}"])
     digest = write_resolved(cfg)
     text = Storage(str(tmp_path / "root")).read_text("pipeline.yaml")
     body = yaml.safe_load(text)
     assert body["digest"] == digest == cfg.digest()
-    assert "planted-secret-123" not in text and "AKIAPLANTED" not in text
+    for secret in ("planted-secret-123", "AKIAPLANTED", "planted-token-456"):
+        assert secret not in text and secret not in json.dumps(cfg.resolved())
+    assert body["config"]["storage"]["options"] == {"token": "**********", "config_kwargs": {"retries": {"max_attempts": 5}}}
     assert cfg.storage.fsspec_options("s3")["secret"] == "planted-secret-123"
+    assert cfg.storage.fsspec_options("s3")["token"] == "planted-token-456"
+    # The digest does not depend on secret values (it is the digest of what is written out).
+    other = load_config(None, [f"storage.root={tmp_path / 'root'}", "storage.secret=another", "storage.key=AKIAOTHER",
+                               "storage.options={token: other-token, config_kwargs: {retries: {max_attempts: 5}}}"])
+    assert other.digest() == digest
 
 
 def test_cli_config_validate_and_show(tmp_path):
