@@ -113,7 +113,7 @@ def _wait_for(cond, timeout: float = 30.0) -> bool:
 def test_heartbeat_marks_a_taken_over_lease_lost_and_the_holder_stops(s3_storage: Storage):
     from shardflow.storage.lock import LockLost
 
-    lock = RootLock(s3_storage, purpose="slow", ttl_s=0.9).acquire()  # heartbeat every 0.3 s
+    lock = RootLock(s3_storage, purpose="slow", ttl_s=3).acquire()  # heartbeat every second
     lock.ensure_held()
     # Another run took it over (as after an expiry while this one stalled): its lock is there now.
     usurper = {"token": "usurper", "purpose": "next", "host": "other-host", "pid": 1, "acquired_at": time.time(),
