@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from shardflow.storage import Storage
-from shardflow.storage.jsonl import read_parquet_table
+from shardflow.storage.jsonl import read_parquet_if_intact
 from shardflow.storage.manifest import read_record
 
 from .dedup_common import CLUSTERS, FORMAT_VERSION, GLOBAL_SHARD, STATE_REF, dumps
@@ -71,7 +71,11 @@ def earlier_drops(storage: Storage, nodes: np.ndarray, shards: list[str], prev: 
         out = prev["drops"].get(shards[o])
         if out is None:
             continue
-        idx = read_parquet_table(storage, out.ref, ["idx"]).column("idx").to_numpy().astype(np.uint64)
+        table = read_parquet_if_intact(storage, out.ref, out.digest, ["idx"])
+        if table is None:
+            raise RuntimeError(f"{storage.uri(out.ref)} changed since the last dedup_clusters run: "
+                               f"re-run with prep.dedup.incremental=full")
+        idx = table.column("idx").to_numpy().astype(np.uint64)
         dropped |= np.isin(nodes, (np.uint64(o) << np.uint64(32)) | idx)
     return dropped
 

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from shardflow.storage import Storage, digest_json
-from shardflow.storage.jsonl import read_parquet_table, write_parquet_table
+from shardflow.storage.jsonl import read_parquet_if_intact, read_parquet_table, write_parquet_table
 from shardflow.storage.manifest import read_record
 
 from .config import PrepConfig
@@ -56,7 +56,9 @@ class DedupBucketsStage:
         out = rec.outputs.get("index") if rec is not None and rec.status == "done" else None
         if out is None or not storage.exists(out.ref):
             return None
-        table = read_parquet_table(storage, out.ref)
+        table = read_parquet_if_intact(storage, out.ref, out.digest)
+        if table is None:                             # altered since it was written: rebuild
+            return None
         info = json.loads((table.schema.metadata or {}).get(META_KEY, b"{}"))
         covers = info.get("covers") or {}
         if info.get("columns") != self.columns or info.get("num_buckets") != self.cfg.dedup.num_buckets \

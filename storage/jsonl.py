@@ -18,7 +18,7 @@ from typing import IO, Any
 
 import zstandard
 
-from .store import Storage
+from .store import Storage, digest_bytes
 
 class TooLong(bytes):
     """Yielded in place of a line over the limit: the line's first bytes, and its full length.
@@ -248,6 +248,18 @@ def read_parquet_table(storage: Storage, ref: str, columns: list[str] | None = N
 
     with storage.open_read(ref) as f:
         return pq.read_table(f, columns=columns)
+
+
+def read_parquet_if_intact(storage: Storage, ref: str, digest: str, columns: list[str] | None = None):
+    """The Parquet file at ``ref`` if its bytes still have ``digest`` (as recorded when written),
+    else None — for reusing an earlier output only when it is exactly what was published."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    raw = storage.read_bytes(ref)
+    if digest_bytes(raw) != digest:
+        return None
+    return pq.read_table(pa.BufferReader(raw), columns=columns)
 
 
 def parquet_metadata(storage: Storage, ref: str) -> dict[bytes, bytes]:

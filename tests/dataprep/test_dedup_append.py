@@ -82,3 +82,22 @@ def test_changed_or_removed_earlier_shard_means_a_full_recluster(local_storage, 
     assert local_storage.read_json(dd.REPORT_REF)["mode"] == "full"
     assert set(dropped(local_storage)) in ({"copy-3", "copy-5"}, {"copy-3", distinct[5]["id"]},
                                            {distinct[3]["id"], "copy-5"}, {distinct[3]["id"], distinct[5]["id"]})
+
+
+def test_altered_bucket_index_is_rebuilt_not_trusted(local_storage, distinct):
+    from shardflow.dataprep.dedup_common import index_ref
+    from shardflow.dataprep.stage import run_stage
+
+    shards = [distinct[:20], distinct[20:40] + [dict(distinct[3], id="copy-3")]]
+    write_filter_shards(local_storage, shards)
+    run_dedup(local_storage, cfg("append"))
+    groups = {b: local_storage.read_bytes(dd.bucket_ref(b)) for b in list_records(local_storage, "dedup_buckets")}
+    path = local_storage.uri(index_ref("b0000"))
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0x01
+    open(path, "wb").write(bytes(data))
+    run_stage(dd.DedupBucketsStage(cfg("append")), local_storage, force=True)
+    rec = list_records(local_storage, "dedup_buckets")
+    assert rec["b0000"].counts["files_read"] == 2 and "files_reused" not in rec["b0000"].counts
+    assert rec["b0001"].counts["files_reused"] == 2
+    assert {b: local_storage.read_bytes(dd.bucket_ref(b)) for b in groups} == groups
