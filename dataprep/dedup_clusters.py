@@ -46,7 +46,7 @@ from shardflow.storage.jsonl import iter_lines, read_parquet_table, write_parque
 
 from .config import DedupConfig, PrepConfig
 from .dedup_append import earlier_drops, previous_state, restrict_to_new, write_state
-from .dedup_common import (BUCKET_DIR, BUCKETS, CLUSTERS, EXACT_COLUMN, FORMAT_VERSION, GLOBAL_SHARD,
+from .dedup_common import (BUCKET_DIR, BUCKETS, CLUSTERS, SIGNATURES, EXACT_COLUMN, FORMAT_VERSION, GLOBAL_SHARD,
                            META_KEY, MINHASH_COLUMN, NORMALIZATION_VERSION, REPORT_REF, SIG_DIR, bucket_ids, bucket_ref,
                            check_sig_params, concat, done_records, drop_ref, dumps, key_columns, shard_of_ref, sig_meta,
                            signature_inputs)
@@ -82,6 +82,24 @@ class Decision:
     similarity: np.ndarray  # verified similarity to its survivor (1.0 for exact twins of a survivor)
 
 
+class SignatureMetas:
+    """The metadata of each signature file (source documents' ref, digest and count), read and
+    checked against the config on first use: only the shards with candidates or new drop lists
+    are opened, not every signature file of the corpus."""
+
+    def __init__(self, storage: Storage, sig_refs: list[str], d: DedupConfig):
+        self.storage, self.refs, self.d = storage, sig_refs, d
+        self._cache: dict[int, dict[str, Any]] = {}
+
+    def __getitem__(self, ordinal: int) -> dict[str, Any]:
+        if ordinal not in self._cache:
+            ref = self.refs[ordinal]
+            meta = sig_meta(self.storage, ref)
+            check_sig_params(self.storage, ref, meta, self.d)
+            self._cache[ordinal] = meta
+        return self._cache[ordinal]
+
+
 def load_groups(storage: Storage, bucket_refs: list[str], columns: list[str], ordinal: dict[str, int]) -> Groups:
     colpos = {c: i for i, c in enumerate(columns)}
     col_idx, keys, nodes = [], [], []
@@ -109,7 +127,7 @@ def load_groups(storage: Storage, bucket_refs: list[str], columns: list[str], or
     return Groups(codes, members.astype(np.int64).reshape(-1), starts, sizes, exact)
 
 
-def load_docs(storage: Storage, codes: np.ndarray, sig_refs: list[str], perms: int) -> Docs:
+def load_docs(storage: Storage, codes: np.ndarray, sig_refs: list[str], perms: int, metas: SignatureMetas) -> Docs:
     """Attributes of the nodes, read from their signature files (codes are sorted, so each shard's
     nodes are one contiguous run; one signature file's columns are in memory at a time)."""
     n = len(codes)
@@ -122,6 +140,7 @@ def load_docs(storage: Storage, codes: np.ndarray, sig_refs: list[str], perms: i
         lo, hi = int(bounds[o]), int(bounds[o + 1])
         if lo == hi:
             continue
+        _ = metas[o]                               # reads and checks its parameters against the config
         t = read_parquet_table(storage, ref, columns)
         if int(docs.idx[hi - 1]) >= t.num_rows:
             raise ValueError(f"{storage.uri(ref)} has {t.num_rows} rows, the bucket files refer to more (stale?)")
@@ -167,7 +186,7 @@ def triage_margin(perms: int) -> float:
     return 2.25 / max(perms, 1) ** 0.5
 
 
-def shingle_sets(storage: Storage, nodes: np.ndarray, docs: Docs, metas: list[dict[str, Any]],
+def shingle_sets(storage: Storage, nodes: np.ndarray, docs: Docs, metas: SignatureMetas,
                  ngram: int) -> dict[int, np.ndarray]:
     """Sorted unique shingle hashes of ``nodes``, re-reading only their documents, one input shard
     at a time. Shingles are kept as their top 32 bits — the values the MinHash permutations see,
@@ -285,9 +304,7 @@ class DedupClustersStage:
             raise RuntimeError(f"dedup_buckets shard(s) {missing} are not done: run dedup_buckets first")
         sig_refs = sorted((r for r in spec.inputs if r.startswith(SIG_DIR + "/")), key=shard_of_ref)
         shards = [shard_of_ref(r) for r in sig_refs]
-        metas = [sig_meta(storage, r) for r in sig_refs]
-        for ref, meta in zip(sig_refs, metas):
-            check_sig_params(storage, ref, meta, d)
+        metas = SignatureMetas(storage, sig_refs, d)
         counters: Counter = Counter()
 
         groups = load_groups(storage, bucket_refs, self.columns, {s: i for i, s in enumerate(shards)})
@@ -302,7 +319,7 @@ class DedupClustersStage:
             old = ~is_new
         counters["nodes"] = len(groups.nodes)
         perms = d.num_bands * d.rows_per_band if d.near else 0
-        docs = load_docs(storage, groups.nodes, sig_refs, perms)
+        docs = load_docs(storage, groups.nodes, sig_refs, perms, metas)
         sets_of = lambda nodes: shingle_sets(storage, nodes, docs, metas, d.ngram)  # noqa: E731
         decision, components = decide(groups, docs, d, sets_of, counters, old)
 
@@ -313,7 +330,8 @@ class DedupClustersStage:
         if prev is not None:
             outputs.update({f"drops.{s}": out.ref for s, out in prev["drops"].items()})
         earlier = prev["dropped_total"] if prev is not None else 0
-        report = build_report(self.columns, d, metas, docs, decision, components, counters, per_shard, earlier)
+        n_docs = sum(r.counts.get("docs_in", 0) for r in done_records(storage, SIGNATURES, shards).values())
+        report = build_report(self.columns, d, len(shards), n_docs, docs, decision, components, counters, per_shard, earlier)
         report["mode"] = "append" if prev is not None else "full"
         report["new_shards"] = write if prev is not None else []
         storage.write_bytes(REPORT_REF, (json.dumps(report, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode())
@@ -332,7 +350,7 @@ DROP_SCHEMA = pa.schema([("idx", pa.uint32()), ("id", pa.string()), ("kind", pa.
                          ("survivor_shard", pa.string()), ("similarity", pa.float32()), ("cluster", pa.string())])
 
 
-def write_drop_lists(storage: Storage, shards: list[str], metas: list[dict[str, Any]], docs: Docs,
+def write_drop_lists(storage: Storage, shards: list[str], metas: SignatureMetas, docs: Docs,
                      decision: Decision, only: set[str]) -> dict[str, int]:
     """One Parquet file per shard in ``only``, rows sorted by index (module docstring, step 5)."""
     drop_nodes = np.flatnonzero(decision.dropped)          # node codes are sorted: by shard, then idx
@@ -361,7 +379,7 @@ def write_drop_lists(storage: Storage, shards: list[str], metas: list[dict[str, 
     return per_shard
 
 
-def build_report(columns: list[str], d: DedupConfig, metas: list[dict[str, Any]], docs: Docs, decision: Decision,
+def build_report(columns: list[str], d: DedupConfig, n_shards: int, n_docs: int, docs: Docs, decision: Decision,
                  components: np.ndarray, counters: Counter, per_shard: dict[str, int], earlier: int = 0) -> dict[str, Any]:
     """Cluster-size histogram, largest clusters, similarity quantiles; totals also into ``counters``.
     In append mode the clusters are those formed or extended by this run (an earlier centre counts
@@ -371,7 +389,6 @@ def build_report(columns: list[str], d: DedupConfig, metas: list[dict[str, Any]]
     centres = np.flatnonzero(size > 1)
     sizes = size[centres]
     hist = Counter(sizes.tolist())
-    n_docs = sum(m["docs"] for m in metas)
     n_exact = int((decision.dropped & decision.exact).sum())
     n_drop = int(decision.dropped.sum())
     comp = np.bincount(components, minlength=n) if n else np.zeros(0, dtype=np.int64)
@@ -391,7 +408,7 @@ def build_report(columns: list[str], d: DedupConfig, metas: list[dict[str, Any]]
     return {
         "format": FORMAT_VERSION, "columns": columns,
         "verify": d.verify if d.near else None, "jaccard_threshold": d.jaccard_threshold if d.near else None,
-        "shards": len(metas), "docs": n_docs, "kept": n_docs - n_drop - earlier, "dropped_earlier": earlier,
+        "shards": n_shards, "docs": n_docs, "kept": n_docs - n_drop - earlier, "dropped_earlier": earlier,
         "clusters": len(sizes), "docs_in_clusters": int(sizes.sum()),
         "dropped": {"total": n_drop, "exact": n_exact, "near": n_drop - n_exact},
         "cluster_sizes": {str(k): v for k, v in sorted(hist.items())},

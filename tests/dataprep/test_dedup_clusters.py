@@ -249,3 +249,14 @@ def test_signature_similarity_estimates_jaccard(distinct):
     est = graph.signature_similarity(pairs, sig)
     true = np.array([true_jaccard(a, b) for a, b in zip(texts, edited)])
     assert np.abs(est - true).mean() < 0.06 and (np.abs(est - true) < 0.2).all()
+
+
+def test_signatures_from_other_minhash_parameters_are_refused(local_storage, distinct):
+    write_filter_shards(local_storage, [distinct[:10] + [dict(distinct[0], id="copy")]])
+    run_dedup(local_storage, PrepConfig())
+    other = PrepConfig()
+    other.dedup.rows_per_band = 5
+    from shardflow.dataprep.stage import run_stage
+
+    r = run_stage(dd.DedupClustersStage(other), local_storage, force=True)
+    assert "was computed with" in r["failed"]["_all"] and "run dedup_signatures first" in r["failed"]["_all"]
