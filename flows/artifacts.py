@@ -21,7 +21,11 @@ MAX_TABLE_ROWS = 500
 
 
 def artifact_key(*parts: str) -> str:
-    """Prefect artifact keys allow lowercase letters, digits and dashes only."""
+    """A Prefect artifact key (lowercase letters, digits and dashes only) from its parts.
+
+    Callers start with the pipeline's name (``cfg.name``): keys are global in a Prefect workspace,
+    so ``demo-prep-filter`` and ``web-prep-filter`` stay two artifacts with two histories.
+    """
     key = "-".join(re.sub(r"[^a-z0-9]+", "-", p.lower()).strip("-") for p in parts if p)
     return key or "shardflow"
 
@@ -65,11 +69,16 @@ def shard_row(shard_id: str, state: str, record: ShardRecord | None) -> dict[str
     return row
 
 
+STAGE_COLUMNS = ("shard", "state", "docs_in", "docs_out", "tokens", "wall_time_s", "quarantined")
+"""What a stage table shows first, in this order; one ``dropped.<filter>`` column per filter follows
+(there may be many, so they come last: the UI's table scrolls sideways, the first columns stay readable)."""
+
+
 def stage_table(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows with a common set of columns (missing drop columns = 0), sorted, plus a TOTAL row."""
     rows = sorted(rows, key=lambda r: r["shard"])
     drop_cols = sorted({k for r in rows for k in r if k.startswith("dropped.")})
-    cols = ["shard", "state", "docs_in", "docs_out", "quarantined", *drop_cols, "tokens", "wall_time_s"]
+    cols = [*STAGE_COLUMNS, *drop_cols]
     table = [{c: r.get(c, 0) for c in cols} for r in rows]
     total: dict[str, Any] = {c: 0 for c in cols}
     states: dict[str, int] = {}
@@ -191,7 +200,11 @@ class Progress:
         self._id = _safe(create_progress_artifact, progress=0.0, key=artifact_key(key), description=description)
 
     def advance(self, n: int = 1) -> None:
-        self.done += n
+        self.set(self.done + n)
+
+    def set(self, done: int) -> None:
+        """``done`` of ``total`` finished; published if the last update is ``min_interval_s`` old, or at the end."""
+        self.done = min(max(done, 0), self.total)
         now = time.monotonic()
         if self._id is not None and (self.done >= self.total or now - self._last >= self.min_interval_s):
             from prefect.artifacts import update_progress_artifact
@@ -200,10 +213,59 @@ class Progress:
             _safe(update_progress_artifact, artifact_id=self._id, progress=round(100.0 * self.done / self.total, 1))
 
 
-def publish_eval(result: Mapping[str, Any], run: str) -> None:
-    """Evaluation report: its markdown, and each of its tables."""
+_MD_IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")
+
+MAX_INLINE_IMAGE_BYTES = 2_000_000
+"""Images larger than this stay links: an artifact is a database row, not a file store."""
+
+
+def inline_images(markdown: str, read: Any) -> str:
+    """Replace each relative ``![title](name.png)`` by a ``data:image/png;base64,…`` URI.
+
+    Why: the report on disk refers to its PNGs by relative path, which the Prefect UI cannot
+    resolve (the artifact page has no such file: the images show broken). The UI's markdown
+    renderer keeps ``data:`` URIs in ``<img src>`` (checked in headless Chromium by
+    tests/flows/test_ui_report_images.py), so the images travel inside the artifact.
+    ``read(name)`` returns the bytes or raises; an image that cannot be read stays as it was.
+    """
+    import base64
+
+    def repl(m: re.Match) -> str:
+        alt, src = m.group(1), m.group(2)
+        if "://" in src or src.startswith(("data:", "/")) or not src.lower().endswith((".png", ".jpg", ".jpeg", ".svg")):
+            return m.group(0)
+        try:
+            data = read(src)
+        except Exception as exc:  # noqa: BLE001 - keep the link, say why
+            log.warning("report image %s not embedded: %s", src, exc)
+            return m.group(0)
+        if len(data) > MAX_INLINE_IMAGE_BYTES:
+            return m.group(0)
+        mime = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg", "svg": "image/svg+xml"}[src.rsplit(".", 1)[1].lower()]
+        return f"![{alt}](data:{mime};base64,{base64.b64encode(data).decode('ascii')})"
+
+    return _MD_IMAGE.sub(repl, markdown)
+
+
+def report_image_reader(storage: Any, files: Iterable[str]) -> Any:
+    """``read(name)`` for :func:`inline_images`: the report's own files (by base name) from the dataset root."""
+    by_name = {str(f).rsplit("/", 1)[-1]: str(f) for f in files}
+
+    def read(name: str) -> bytes:
+        if name not in by_name:
+            raise FileNotFoundError(f"{name}: not among the report's files")
+        return storage.read_bytes(by_name[name])
+
+    return read
+
+
+def publish_eval(result: Mapping[str, Any], run: str, pipeline: str = "shardflow", storage: Any = None) -> None:
+    """Evaluation report (its images inlined, see :func:`inline_images`), and each of its tables."""
     if result.get("report_md"):
-        publish_markdown(f"eval-report-{run}", str(result["report_md"]), f"Evaluation report of run {run}")
+        md = str(result["report_md"])
+        if storage is not None:
+            md = inline_images(md, report_image_reader(storage, result.get("files") or []))
+        publish_markdown(artifact_key(pipeline, "eval-report", run), md, f"Evaluation report of run {run}")
     for name, rows in sorted((result.get("tables") or {}).items()):
         if rows:
-            publish_table(f"eval-{run}-{name}", list(rows), f"Evaluation of run {run}: {name}")
+            publish_table(artifact_key(pipeline, "eval", run, name), list(rows), f"Evaluation of run {run}: {name}")

@@ -1,9 +1,15 @@
 """The ``shardflow`` command line.
 
 Every subcommand takes ``--config FILE`` (one YAML file per pipeline) and ``--set key=value``
-overrides; without ``--config`` the embedded defaults are used. Runs go through Prefect (an
-ephemeral API unless ``PREFECT_API_URL`` points at a server), except ``config``/``status``/``verify``
-which only read.
+overrides; without ``--config`` the embedded defaults are used. The commands that work on an
+existing dataset root (``status``, ``verify``, ``train``, ``eval``, ``export-hf``) also take
+``--root DIR``: the config the root recorded in ``DIR/pipeline.yaml``, which ``--config
+DIR/pipeline.yaml`` reads the same way. Runs go through Prefect (an ephemeral API unless
+``PREFECT_API_URL`` points at a server), except ``config``/``status``/``verify`` which only read.
+
+Errors a person made (a bad value, a missing file, a checkpoint that does not exist) are one line
+``error: …`` and exit status 2, found before any Prefect server starts (flows/errors.py); a run that
+fails exits 1; output cut by a closed pipe (``shardflow status | head``) ends quietly.
 """
 from __future__ import annotations
 
@@ -15,17 +21,64 @@ from typing import Any
 
 import yaml
 
+from .errors import UserError, report_user_error, user_error_from
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", metavar="FILE", help="pipeline YAML file (default: embedded defaults)")
+EXIT_BROKEN_PIPE = 141
+"""128 + SIGPIPE: what a shell reports for a tool that stopped because its reader went away."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line ``error: …`` (exit 2) like every other user error."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UserError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def _add_config_args(p: argparse.ArgumentParser, root: bool = False) -> None:
+    p.add_argument("--config", "-c", metavar="FILE", help="pipeline YAML file, or a root's pipeline.yaml (default: embedded defaults)")
+    if root:
+        p.add_argument("--root", metavar="DIR", help="an existing dataset root (path or URI): use the config it recorded "
+                                                     "in DIR/pipeline.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set prep.workers=4 (repeatable)")
 
 
 def _load(args: argparse.Namespace):
-    from .config import load_config
+    from .config import load_config, load_root_config
 
+    root = getattr(args, "root", None)
+    if root:
+        if args.config:
+            raise UserError("give either --root DIR or --config FILE, not both")
+        return load_root_config(root, args.overrides)
     return load_config(args.config, args.overrides)
+
+
+def _load_existing_root(args: argparse.Namespace):
+    """The config of a command that reads an existing root; with neither --config nor --root the
+    default root must exist (else the answer would be about an empty, unrelated root)."""
+    cfg = _load(args)
+    if not args.config and not getattr(args, "root", None):
+        from .config import RESOLVED_FILE, load_root_config
+
+        storage = cfg.storage_handle()
+        if not storage.exists(RESOLVED_FILE):
+            raise UserError(f"{storage.root}: no dataset root here (no {RESOLVED_FILE}); pass --root DIR or --config FILE")
+        cfg = load_root_config(cfg.storage.root, args.overrides)
+    return cfg
+
+
+def _check_checkpoint(cfg, checkpoint: str | None) -> None:
+    """Fail before any server starts when the checkpoint (or the run's latest) does not exist."""
+    from shardflow.train.checkpoint import CheckpointError, read_meta, resolve_checkpoint
+
+    storage = cfg.storage_handle()
+    try:
+        read_meta(storage, resolve_checkpoint(storage, checkpoint, cfg.train.run))
+    except CheckpointError as exc:
+        if checkpoint is None:
+            raise UserError(f"run {cfg.train.run!r} on {storage.root} has no checkpoint yet: {exc}") from None
+        raise user_error_from(exc) from None
 
 
 def _parse_shards(value: str | None) -> list[str] | None:
@@ -78,7 +131,7 @@ def cmd_prep(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from .status import print_status
 
-    cfg = _load(args)
+    cfg = _load_existing_root(args)
     print_status(cfg, as_json=args.json)
     return 0
 
@@ -86,7 +139,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from .train_flows import run_train
 
-    cfg = _load(args)
+    cfg = _load_existing_root(args)
     result = run_train(cfg, nproc=args.nproc, evaluate=not args.no_eval, nnodes=args.nnodes, node_rank=args.node_rank,
                        rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id)
     return 0 if result.get("ok", True) else 1
@@ -95,7 +148,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .train_flows import run_eval
 
-    cfg = _load(args)
+    cfg = _load_existing_root(args)
+    if cfg.eval.enabled:
+        _check_checkpoint(cfg, args.checkpoint or cfg.eval.checkpoint)
     result = run_eval(cfg, checkpoint=args.checkpoint)
     return 0 if result.get("ok", True) else 1
 
@@ -105,7 +160,8 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
 
     from shardflow.storage.lock import RootLock
 
-    cfg = _load(args)
+    cfg = _load_existing_root(args)
+    _check_checkpoint(cfg, args.checkpoint)
     storage = cfg.storage_handle()
     # The lock keeps training and pruning off the checkpoint while it is read (and the export's
     # provenance true); like every entry point that touches a root, it takes it.
@@ -127,7 +183,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from .status import verify
 
-    cfg = _load(args)
+    cfg = _load_existing_root(args)
     problems = verify(cfg)
     return 0 if not problems else 1
 
@@ -140,7 +196,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="shardflow", description="Streaming data-plus-training pipeline for LLM pretraining.")
+    parser = _Parser(prog="shardflow", description="Streaming data-plus-training pipeline for LLM pretraining.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo", help="run the whole pipeline on the bundled corpus (local storage, ephemeral Prefect)")
@@ -166,11 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="per-stage table of done / pending / stale / failed shards")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    _add_config_args(p)
+    _add_config_args(p, root=True)
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("verify", help="re-hash stage outputs and shards against manifests and index")
-    _add_config_args(p)
+    _add_config_args(p, root=True)
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("train", help="train the MoE model from the shards (launches torchrun when --nproc > 1)")
@@ -182,18 +238,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rdzv-endpoint", metavar="HOST:PORT",
                    help="torchrun c10d rendezvous store, the same on every node (default $SHARDFLOW_RDZV_ENDPOINT)")
     p.add_argument("--rdzv-id", help="job id shared by the nodes (default $SHARDFLOW_RDZV_ID, else the run name)")
-    _add_config_args(p)
+    _add_config_args(p, root=True)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint (default: the run's latest)")
     p.add_argument("--checkpoint", help="checkpoint URI (default: latest of the configured run)")
-    _add_config_args(p)
+    _add_config_args(p, root=True)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("export-hf", help="export a checkpoint to Hugging Face MixtralForCausalLM format")
     p.add_argument("--checkpoint", help="checkpoint URI (default: latest of the configured run)")
     p.add_argument("--out", required=True, help="output directory")
-    _add_config_args(p)
+    _add_config_args(p, root=True)
     p.set_defaults(func=cmd_export_hf)
 
     p = sub.add_parser("serve", help="serve all deployments (pipeline, stages, train, eval) with their schedules")
@@ -202,20 +258,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_broken_pipe() -> int:
+    """The reader went away (``| head``): nothing more to say; keep the interpreter's final flush quiet."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return EXIT_BROKEN_PIPE
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    args = build_parser().parse_args(argv)
     from shardflow.storage.lock import LockHeld, LockUnsupported
 
-    from .config import ConfigError
-    from .preplan import RequestError
+    from .preplan import RequestError  # prep's planning errors (flows/preplan.py): user errors too
 
     try:
-        return args.func(args)
-    except (ConfigError, RequestError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (LockHeld, LockUnsupported) as exc:  # commands that lock outside a flow (export-hf)
+        args = build_parser().parse_args(argv)
+        rc = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows up here, inside the handler, not at exit
+        return rc
+    except (UserError, RequestError) as exc:
+        return report_user_error(exc)
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
+    except (LockHeld, LockUnsupported) as exc:  # commands that lock outside a flow (export-hf): not a user error
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -7,17 +7,89 @@ the same checks.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from shardflow.dataprep.config import PrepConfig
+from shardflow.dataprep.stages import PIPELINE_GROUPS
 from shardflow.storage import Storage, StorageConfig, digest_json
 from shardflow.storage.config import OverrideError, apply_override, mask_secrets
 from shardflow.train.config import EvalConfig, TrainConfig
+
+from .errors import UserError
+
+RESOLVED_FILE = "pipeline.yaml"
+"""The resolved config a dataset root holds (``{digest, config}``, secrets masked): the root describes itself."""
+
+CONFIG_ENV = "SHARDFLOW_CONFIG"
+"""A deployment run without ``config_path`` reads the config file this names, on the machine it runs on."""
+
+MASKED_SECRET = "**********"
+"""How pydantic dumps a ``SecretStr``; a masked value read back means "not recorded", never the secret."""
+
+
+def deployment_names() -> list[str]:
+    """Every deployment ``shardflow serve`` creates: the keys ``flows.schedules`` may use."""
+    return ["pipeline", "prep", *(f"prep-{g}" for g in PIPELINE_GROUPS), "train", "evaluate"]
+
+
+_CRON_FIELDS = (("minute", 0, 59, {}), ("hour", 0, 23, {}), ("day of month", 1, 31, {}),
+                ("month", 1, 12, {m: i + 1 for i, m in enumerate("jan feb mar apr may jun jul aug sep oct nov dec".split())}),
+                ("day of week", 0, 7, {d: i for i, d in enumerate("sun mon tue wed thu fri sat".split())}))
+
+
+def _plain_cron_error(expr: str) -> str | None:
+    """Why ``expr`` is not a plain 5-field cron (numbers, names, ``*``, ranges, steps, lists), or None."""
+    fields = expr.split()
+    if len(fields) != 5:
+        return f"expected 5 fields (minute hour day-of-month month day-of-week), got {len(fields)}"
+    for text, (name, lo, hi, names) in zip(fields, _CRON_FIELDS):
+        for item in text.split(","):
+            rng, _, step = item.partition("/")
+            if step and not (step.isdigit() and int(step) > 0):
+                return f"{name}: bad step {step!r}"
+            if rng == "*":
+                continue
+            bounds = rng.split("-")
+            if len(bounds) > 2 or not all(bounds):
+                return f"{name}: cannot read {item!r}"
+            values = []
+            for b in bounds:
+                v = names.get(b.lower()) if not b.isdigit() else int(b)
+                if v is None or not lo <= v <= hi:
+                    return f"{name}: {b!r} is not in {lo}-{hi}"
+                values.append(v)
+            if len(values) == 2 and values[0] > values[1]:
+                return f"{name}: range {rng!r} runs backwards"
+    return None
+
+
+def check_cron(expr: str) -> str:
+    """``expr`` if Prefect's server accepts it as a cron schedule, else ValueError saying why.
+
+    Plain 5-field crons are accepted here without importing Prefect (``config validate`` and
+    ``prep`` stay fast); anything else (macros, ``L``, ``#``, a seconds field, mistakes) goes to
+    Prefect's own validator, so what passes is exactly what ``serve`` and ``prefect deploy`` can
+    register, and a mistake in a plain cron is explained field by field.
+    """
+    if not isinstance(expr, str) or not expr.strip():
+        raise ValueError(f"invalid cron {expr!r}: empty")
+    why = _plain_cron_error(expr)
+    if why is None:
+        return expr
+    from prefect._internal.schemas.validators import validate_cron_string  # the authority, for the rest
+
+    try:
+        return validate_cron_string(expr)
+    except ValueError as exc:
+        if len(expr.split()) != 6 and not any(c in expr for c in "LW#?@"):  # a plain cron: say which field
+            raise ValueError(f"invalid cron {expr!r}: {why}") from None
+        raise ValueError(f"invalid cron {expr!r}: {exc}") from None
 
 
 class FlowsConfig(BaseModel):
@@ -40,6 +112,22 @@ class FlowsConfig(BaseModel):
     train_launcher: Literal["auto", "inprocess", "torchrun"] = Field(
         "auto", description="How the train flow runs the trainer: auto = in this process for one process, torchrun for more.")
     torchrun_args: list[str] = Field(default_factory=list, description="Extra torchrun arguments (e.g. --nnodes=2 --rdzv-endpoint=host:29400 for multi-node); empty = --standalone.")
+
+    @field_validator("schedules")
+    @classmethod
+    def _schedules_name_deployments_and_parse(cls, v: dict[str, str]) -> dict[str, str]:
+        """A schedule for a deployment that does not exist, or a cron the server refuses, fails here:
+        at ``config validate`` and before ``serve`` starts anything, not as a 422 from the API."""
+        known = deployment_names()
+        unknown = sorted(set(v) - set(known))
+        if unknown:
+            raise ValueError(f"unknown deployment(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        for name, expr in v.items():
+            try:
+                check_cron(expr)
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
+        return v
 
 
 class PipelineConfig(BaseModel):
@@ -64,7 +152,7 @@ class PipelineConfig(BaseModel):
         return digest_json(self.resolved())
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config file or override is invalid; the message names the file and the key."""
 
 
@@ -77,6 +165,8 @@ def _format_errors(exc: ValidationError, source: str) -> str:
             msg = "unknown key"
         elif kind == "missing":
             msg = "required value is missing"
+        elif kind == "value_error":  # our validators' own words, without pydantic's prefix
+            msg = str(err.get("ctx", {}).get("error", err["msg"]))
         else:
             msg = err["msg"]
             if "input" in err and kind not in ("model_type",):
@@ -86,9 +176,12 @@ def _format_errors(exc: ValidationError, source: str) -> str:
 
 
 def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None,
-                base: dict[str, Any] | None = None) -> PipelineConfig:
-    """Read a pipeline YAML (or start from ``base``/defaults), apply overrides, validate."""
-    source = str(path) if path else "<defaults>"
+                base: dict[str, Any] | None = None, source: str | None = None) -> PipelineConfig:
+    """Read a pipeline YAML (or start from ``base``/defaults), apply overrides, validate.
+
+    ``path`` may also be a root's resolved ``pipeline.yaml`` (see :func:`_from_resolved`).
+    """
+    source = source or (str(path) if path else "<defaults>")
     data: dict[str, Any] = dict(base or {})
     if path:
         try:
@@ -98,9 +191,14 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
         try:
             loaded = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{source}: not valid YAML: {exc}") from None
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{source}:{mark.line + 1}" if mark is not None else source
+            reason = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigError(f"{where}: not valid YAML: {reason}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{source}: top level must be a mapping of sections, got {type(loaded).__name__}")
+        if is_resolved(loaded):
+            loaded = _from_resolved(loaded, Path(path))
         # Relative local paths in the file are relative to the file, not to the caller's cwd.
         _anchor_paths(loaded, Path(path).resolve().parent)
         data = _deep_merge(data, loaded)
@@ -113,6 +211,63 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: list[str]
         return PipelineConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc, source)) from None
+
+
+def is_resolved(data: dict[str, Any]) -> bool:
+    """A root's ``pipeline.yaml`` (``{digest, config}``) rather than a pipeline file of sections."""
+    return set(data) == {"digest", "config"} and isinstance(data.get("config"), dict)
+
+
+def _from_resolved(data: dict[str, Any], path: Path | None) -> dict[str, Any]:
+    """The config recorded in a root's ``pipeline.yaml``, usable again.
+
+    Masked secrets are dropped (the standard AWS chain, or ``--set storage.key=…``, supplies them).
+    A local root's file lies in the root itself, so the file's folder is the root: the recorded
+    path is only where the root was when it was written, and a moved or copied root still works.
+    """
+    cfg = json.loads(json.dumps(data["config"]))
+    st = cfg.get("storage")
+    if isinstance(st, dict):
+        for k in ("key", "secret"):
+            if st.get(k) == MASKED_SECRET:
+                st[k] = None
+        root = st.get("root")
+        if path is not None and path.name == RESOLVED_FILE and isinstance(root, str) and _is_local(root):
+            st["root"] = str(path.resolve().parent)
+    return cfg
+
+
+def _is_local(root: str) -> bool:
+    return "://" not in root or root.startswith("file://")
+
+
+def load_root_config(root: str, overrides: list[str] | None = None, storage: StorageConfig | None = None) -> PipelineConfig:
+    """The config a dataset root recorded (``<root>/pipeline.yaml``), with ``overrides``; ``root`` is a
+    path or URI (``s3://bucket/prefix``; credentials from ``storage`` or the AWS chain)."""
+    local = _is_local(root)
+    root_abs = os.path.abspath(os.path.expanduser(root.removeprefix("file://"))) if local else root.rstrip("/")
+    st_cfg = (storage.model_copy(update={"root": root_abs}) if storage is not None else StorageConfig(root=root_abs))
+    store = Storage.from_config(st_cfg)
+    source = store.uri(RESOLVED_FILE)
+    try:
+        text = store.read_text(RESOLVED_FILE)
+    except FileNotFoundError:
+        raise ConfigError(f"{root}: not a shardflow dataset root ({RESOLVED_FILE} is missing); "
+                          "run `shardflow prep` on it first, or pass --config FILE") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict) or not is_resolved(data):
+        raise ConfigError(f"{source}: not a resolved pipeline config (expected 'digest' and 'config')")
+    base = _from_resolved(data, None)
+    base.setdefault("storage", {})["root"] = root_abs
+    if storage is not None:  # credentials and endpoint given on the command line win over the record
+        for k in ("key", "secret", "endpoint_url", "region"):
+            v = getattr(storage, k)
+            if v is not None:
+                base["storage"][k] = v.get_secret_value() if hasattr(v, "get_secret_value") else v
+    return load_config(None, overrides, base=base, source=source)
 
 
 def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -143,5 +298,5 @@ def write_resolved(cfg: PipelineConfig, storage: Storage | None = None) -> str:
     storage = storage or cfg.storage_handle()
     digest = cfg.digest()
     body = {"digest": digest, "config": cfg.resolved()}
-    storage.write_text("pipeline.yaml", yaml.safe_dump(body, sort_keys=False, allow_unicode=True))
+    storage.write_text(RESOLVED_FILE, yaml.safe_dump(body, sort_keys=False, allow_unicode=True))
     return digest

@@ -102,7 +102,9 @@ def summarize(storage: Storage, run: str) -> dict[str, Any]:
             out[f"{split}_tokens"] = info.get("tokens", 0)
     metrics_ref = f"runs/{run}/metrics.jsonl"
     if storage.exists(metrics_ref):
-        rows = [json.loads(line) for line in storage.read_text(metrics_ref).splitlines() if line.strip()]
+        from shardflow.train.metrics import read_metrics
+
+        rows = read_metrics(storage, metrics_ref)
         train_rows = [r for r in rows if "loss" in r]
         val_rows = [r for r in rows if "val_loss" in r]
         if train_rows:
@@ -155,7 +157,19 @@ def _print_summary(summary: dict[str, Any], wall_s: float) -> None:
         print(f"{'eval ' + k.replace('_', ' '):<24}: {v}")
     if "report" in summary:
         print(f"{'report':<24}: {summary['report']}")
-    print("re-run the demo and only changed or missing shards are redone; `shardflow status` shows the table")
+    print("re-run the demo and only changed or missing shards are redone. Next, from any folder:")
+    for line in next_commands(summary["root"]):
+        print(f"  {line}")
+
+
+def next_commands(root: str) -> list[str]:
+    """The hints the demo prints: commands on its root that work as printed, from any folder."""
+    import shlex
+
+    r = shlex.quote(root)
+    return [f"shardflow status --root {r}", f"shardflow verify --root {r}",
+            f"shardflow train --root {r} --set train.trainer.steps=400   # resumes and trains 100 more steps",
+            f"shardflow eval --root {r}"]
 
 
 def run_demo(workdir: str = "./shardflow-demo", overrides: list[str] | None = None, config: str | None = None) -> dict[str, Any]:

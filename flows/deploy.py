@@ -19,17 +19,30 @@ from typing import Any
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 from prefect.events import DeploymentEventTrigger
 
-from shardflow.flows.config import ConfigError, PipelineConfig
+from shardflow.flows.config import PipelineConfig, deployment_names
 from shardflow.flows.pipeline import pipeline_flow
 from shardflow.flows.prep_flows import STAGE_FLOWS, prep_flow
 from shardflow.flows.train_flows import eval_flow, train_flow
 
 TAGS = ["shardflow"]
 
+WORKDIR_ENV = "SHARDFLOW_WORKDIR"
+"""Where a deployment run executes on a worker; unset = the worker's (or the image's) working directory."""
 
-def deployment_names() -> list[str]:
-    """Every deployment ``serve`` creates (the keys ``flows.schedules`` may use)."""
-    return ["pipeline", "prep", *(f"prep-{g}" for g in STAGE_FLOWS), "train", "evaluate"]
+
+def enter_workdir(directory: str | None = None) -> dict[str, str]:
+    """The pull step of configs/prefect.yaml: run in ``$SHARDFLOW_WORKDIR`` if set, else stay where the worker is.
+
+    Why not Prefect's default: with ``pull: null`` ``prefect deploy`` records
+    ``set_working_directory`` to the folder it ran from, which does not exist on another machine
+    (or after a checkout is removed) and the run crashes before the flow starts. The code is the
+    installed package (module-path entry points), so a run needs no checkout; only relative paths
+    in the config would care where it runs, and ``SHARDFLOW_WORKDIR`` says that explicitly.
+    """
+    target = directory or os.environ.get(WORKDIR_ENV) or os.getcwd()
+    os.makedirs(target, exist_ok=True)
+    os.chdir(target)
+    return {"directory": target}
 
 
 def eval_after_train_trigger(parameters: dict[str, Any]) -> DeploymentEventTrigger:
@@ -53,9 +66,6 @@ def eval_after_train_trigger(parameters: dict[str, Any]) -> DeploymentEventTrigg
 def build_deployments(cfg: PipelineConfig, config_path: str | None = None,
                       overrides: list[str] | None = None) -> list[RunnerDeployment]:
     """The deployments ``serve`` serves, with schedules from ``cfg.flows.schedules``."""
-    unknown = sorted(set(cfg.flows.schedules) - set(deployment_names()))
-    if unknown:
-        raise ConfigError(f"flows.schedules: unknown deployment(s) {unknown}; known: {deployment_names()}")
     params: dict[str, Any] = {"config_path": os.path.abspath(config_path) if config_path else None,
                               "overrides": list(overrides or [])}
     where = config_path or "embedded defaults"
@@ -81,12 +91,33 @@ def build_deployments(cfg: PipelineConfig, config_path: str | None = None,
 
 def serve(cfg: PipelineConfig, config_path: str | None = None, overrides: list[str] | None = None,
           limit: int | None = None) -> None:
-    """``shardflow serve``: serve every deployment from this process until interrupted."""
+    """``shardflow serve``: serve every deployment from this process until interrupted.
+
+    Served runs are subprocesses of this one and inherit its working directory, so before serving
+    every path the runs need is made absolute (the config file; a relative default root) and the
+    process moves to ``$SHARDFLOW_WORKDIR`` or a private folder of its own: a run never depends on
+    the folder ``serve`` was started from, which may be a checkout that is replaced or removed.
+    """
+    import shutil
+    import tempfile
+
     from prefect import serve as prefect_serve
     from prefect.settings import PREFECT_API_URL
 
     if not PREFECT_API_URL.value():
         print("warning: PREFECT_API_URL is not set; serving against a temporary local API that nothing else "
               "can see. Start `prefect server start` and export PREFECT_API_URL=http://127.0.0.1:4200/api.")
+    overrides = list(overrides or [])
+    if config_path:
+        config_path = os.path.abspath(config_path)
+    root = cfg.storage.root
+    if "://" not in root and not os.path.isabs(root):
+        overrides.append(f"storage.root={os.path.abspath(root)}")
     deployments = build_deployments(cfg, config_path, overrides)
-    prefect_serve(*deployments, limit=limit)
+    own = None if os.environ.get(WORKDIR_ENV) else tempfile.mkdtemp(prefix="shardflow-serve-")
+    enter_workdir(own)
+    try:
+        prefect_serve(*deployments, limit=limit)
+    finally:
+        if own is not None:
+            shutil.rmtree(own, ignore_errors=True)

@@ -19,6 +19,7 @@ the config once per process, so compiled regexes and the like never cross proces
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import TYPE_CHECKING, Any
@@ -65,14 +66,15 @@ class StageFailed(RuntimeError):
 
 def resolve_config(config: Any, config_path: str | None, overrides: list[str] | None) -> PipelineConfig:
     """The run's config: given in-process (a PipelineConfig or its ``model_dump()``), or loaded
-    from the deployment's file and overrides."""
-    from shardflow.flows.config import PipelineConfig, load_config
+    from the deployment's file and overrides; a deployment without a file reads the file named by
+    ``$SHARDFLOW_CONFIG`` where the run executes (the worker's environment), else the defaults."""
+    from shardflow.flows.config import CONFIG_ENV, PipelineConfig, load_config
 
     if config is not None:
         if config_path or overrides:
             raise ValueError("pass either a config object or config_path/overrides, not both")
         return config if isinstance(config, PipelineConfig) else PipelineConfig.model_validate(config)
-    return load_config(config_path, overrides or [])
+    return load_config(config_path or os.environ.get(CONFIG_ENV) or None, overrides or [])
 
 
 def config_param(cfg: PipelineConfig) -> dict[str, Any]:
@@ -165,7 +167,7 @@ def run_stage_tasks(stage: Stage, storage: Storage, cfg: PipelineConfig, runner,
             retry_condition_fn=retry_if_transient)
         progress = None
         if len(pending) >= cfg.flows.progress_min_shards:
-            progress = artifacts.Progress(f"{flow_label}-{stage.name}-progress", len(pending),
+            progress = artifacts.Progress(artifacts.artifact_key(cfg.name, flow_label, stage.name, "progress"), len(pending),
                                           f"{stage.name}: shards done of {len(pending)}")
         futures = {}
         for p in pending:
@@ -192,7 +194,7 @@ def run_stage_tasks(stage: Stage, storage: Storage, cfg: PipelineConfig, runner,
                                       failed=sorted(failed), wall_s=time.perf_counter() - t0)
     summary["retired"] = retired
     summary["errors"] = dict(sorted(failed.items()))
-    artifacts.publish_table(f"{flow_label}-{stage.name}", table,
+    artifacts.publish_table(artifacts.artifact_key(cfg.name, flow_label, stage.name), table,
                             f"Stage {stage.name}: {len(ran)} shard(s) run, {summary['skipped']} up to date, {len(failed)} failed")
     if stage.name == "dedup_clusters":
         artifacts.publish_dedup_report(storage, flow_label)
@@ -235,7 +237,7 @@ def _prep(selection: str | list[str], config: Any, config_path: str | None, over
                 if summary["failed"]:
                     error = StageFailed(stage.name, summary["errors"], summary["ran"] + len(summary["failed"]))
                     break
-    artifacts.publish_markdown(f"{flow_label}-summary",
+    artifacts.publish_markdown(artifacts.artifact_key(cfg.name, flow_label, "summary"),
                                artifacts.summary_markdown(f"shardflow {flow_label}: {storage.root}", summaries,
                                                           str(error) if error else None),
                                f"Data preparation summary ({flow_label})")
@@ -254,7 +256,7 @@ def _publish_status(cfg: PipelineConfig, stage_factory: str, flow_label: str, lo
     except Exception as exc:  # noqa: BLE001 - a status view never fails a run
         logger.warning("cannot build the status artifact: %s: %s", type(exc).__name__, exc)
         return
-    artifacts.publish_markdown(f"{flow_label}-status", status_markdown(status), "Status after this run: what the next run would do")
+    artifacts.publish_markdown(artifacts.artifact_key(cfg.name, flow_label, "status"), status_markdown(status), "Status after this run: what the next run would do")
 
 
 @flow(name="prep", log_prints=True)

@@ -27,10 +27,13 @@ the Job's name exists.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
+import logging
 import os
 import shutil
 import subprocess
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -77,9 +80,74 @@ def node_args(cfg: PipelineConfig, nnodes: int = 1, node_rank: int = 0, rdzv_end
                            rdzv_id or os.environ.get(RDZV_ID_ENV) or cfg.train.run)
 
 
+class TrainingProgress:
+    """The train flow's progress artifact, advanced from rank 0's progress lines (``step 40/300 | …``).
+
+    Lines come from the in-process trainer's logger or from torchrun's streamed stdout: the same
+    text either way, so one parser serves both. The artifact is created at the first line.
+    """
+
+    def __init__(self, key: str, description: str):
+        self.key, self.description = key, description
+        self._progress: artifacts.Progress | None = None
+        self.last_step = 0
+
+    def line(self, text: str) -> None:
+        from shardflow.train.metrics import STEP_LINE
+
+        m = STEP_LINE.search(text)
+        if not m:
+            return
+        step, total = int(m.group(1)), int(m.group(2))
+        if self._progress is None:
+            self._progress = artifacts.Progress(self.key, total, self.description)
+        self.last_step = step
+        self._progress.set(step)
+
+
+class _ForwardTrainingLog(logging.Handler):
+    """Rank 0's ``shardflow.train`` lines into the flow run's log (and the progress artifact)."""
+
+    def __init__(self, logger, on_line: Callable[[str], None] | None):
+        super().__init__(logging.INFO)
+        self.logger, self.on_line = logger, on_line
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            msg = record.getMessage()
+            self.logger.log(record.levelno, "%s", msg)
+            if self.on_line is not None:
+                self.on_line(msg)
+        except Exception:  # noqa: BLE001 - logging must never stop training
+            self.handleError(record)
+
+
+@contextlib.contextmanager
+def forward_training_log(logger, on_line: Callable[[str], None] | None = None) -> Iterator[None]:
+    """While training runs in this process, its progress lines go to ``logger`` (the Prefect run
+    logger) instead of the console; train/ itself only uses standard logging."""
+    from shardflow.train.metrics import LOGGER_NAME
+
+    train_log = logging.getLogger(LOGGER_NAME)
+    handler = _ForwardTrainingLog(logger, on_line)
+    saved = train_log.level, train_log.propagate
+    train_log.addHandler(handler)
+    train_log.setLevel(logging.INFO)
+    train_log.propagate = False  # the run logger prints to the console itself: no second copy
+    try:
+        yield
+    finally:
+        train_log.removeHandler(handler)
+        train_log.setLevel(saved[0])
+        train_log.propagate = saved[1]
+
+
 def launch_torchrun(cfg: PipelineConfig, nproc: int, logger=None, env: dict[str, str] | None = None,
-                    rendezvous: list[str] | None = None) -> dict[str, Any]:
+                    rendezvous: list[str] | None = None, on_line: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run training under torchrun; returns rank 0's summary (its last stdout line).
+
+    Every output line of the ranks goes into ``logger`` as it comes (the ranks' stdout is a pipe,
+    so they are told to write unbuffered) and to ``on_line`` (the progress artifact).
 
     The launch file holds no credential (they go to the ranks in the environment, see
     ``shardflow.train.launch``), torchrun gets SIGTERM if this process dies (and its ranks die
@@ -93,7 +161,7 @@ def launch_torchrun(cfg: PipelineConfig, nproc: int, logger=None, env: dict[str,
     proc = None
     try:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                                env={**os.environ, **credentials_env(cfg.storage), LAUNCHER_LOCK_ENV: "1", **(env or {})},
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", **credentials_env(cfg.storage), LAUNCHER_LOCK_ENV: "1", **(env or {})},
                                 preexec_fn=die_with_parent())
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -101,6 +169,8 @@ def launch_torchrun(cfg: PipelineConfig, nproc: int, logger=None, env: dict[str,
             tail.append(line)
             if logger is not None and line:
                 logger.info("%s", line)
+            if on_line is not None and line:
+                on_line(line)
         rc = proc.wait()
     finally:
         if proc is not None and proc.poll() is None:  # interrupted: do not leave ranks behind
@@ -133,11 +203,14 @@ def train_task(cfg: PipelineConfig, nproc: int = 1, rendezvous: list[str] | None
         raise ValueError(f"flows.train_launcher=inprocess runs one process, but nproc={nproc}"
                          + (" on several nodes" if rendezvous else ""))
     logger.info("training run %r on %s: %s, %d process(es)", cfg.train.run, cfg.storage.root, launcher, nproc)
+    progress = TrainingProgress(artifacts.artifact_key(cfg.name, "train", cfg.train.run, "progress"),
+                                f"Training run {cfg.train.run}: steps done")
     if launcher == "inprocess":
         from shardflow.train.trainer import train
 
-        return dict(train(cfg.train, cfg.storage_handle()))
-    return launch_torchrun(cfg, nproc, logger, rendezvous=rendezvous)
+        with forward_training_log(logger, progress.line):
+            return dict(train(cfg.train, cfg.storage_handle()))
+    return launch_torchrun(cfg, nproc, logger, rendezvous=rendezvous, on_line=progress.line)
 
 
 def follow_training(cfg: PipelineConfig, nproc: int, rendezvous: list[str]) -> dict[str, Any]:
@@ -173,7 +246,7 @@ def train_flow(config: PipelineConfig | None = None, config_path: str | None = N
     storage = cfg.storage_handle()
     with RootLock(storage, purpose=f"shardflow train {cfg.train.run}", wait_s=cfg.flows.lock_wait_s, ttl_s=cfg.flows.lock_ttl_s):
         summary = train_task(cfg, nproc, rendezvous)
-    artifacts.publish_markdown(f"train-{cfg.train.run}", _train_markdown(cfg.train.run, summary),
+    artifacts.publish_markdown(artifacts.artifact_key(cfg.name, "train", cfg.train.run), _train_markdown(cfg.train.run, summary),
                                f"Training run {cfg.train.run}")
     out = {"ok": True, "train": summary}
     if evaluate:
@@ -196,7 +269,7 @@ def eval_flow(config: PipelineConfig | None = None, config_path: str | None = No
     # Evaluation writes under runs/<run>/eval/: it holds the root lock like every writer.
     with RootLock(storage, purpose=f"shardflow eval {cfg.train.run}", wait_s=cfg.flows.lock_wait_s, ttl_s=cfg.flows.lock_ttl_s):
         result = run_evaluation(cfg.train, cfg.eval, storage, checkpoint or cfg.eval.checkpoint)
-    artifacts.publish_eval(result, cfg.train.run)
+    artifacts.publish_eval(result, cfg.train.run, pipeline=cfg.name, storage=storage)
     logger.info("evaluation of run %r: %s", cfg.train.run, json.dumps(result.get("results", {}), default=str)[:2000])
     return {"ok": True, "results": result.get("results", {}), "files": list(result.get("files", []))}
 

@@ -57,6 +57,11 @@ def metrics_ref(run: str) -> str:
     return f"{run_ref(run)}/metrics.jsonl"
 
 
+def tensorboard_dir(run: str) -> str:
+    """TensorBoard event files of a run (``train.metrics.tensorboard``): ``tensorboard --logdir <root>/runs``."""
+    return f"{run_ref(run)}/tb"
+
+
 def eval_dir(run: str) -> str:
     return f"{run_ref(run)}/eval"
 

@@ -137,10 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     from shardflow.storage.lock import LockHeld, LockUnsupported, RootLock
 
     from .checkpoint import CheckpointError
+    from .metrics import log_to_stdout
     from .trainer import TrainingDataError, train
 
     storage = Storage.from_config(storage_cfg)
     take_root = int(os.environ.get("RANK", "0")) == 0 and not os.environ.get(LAUNCHER_LOCK_ENV)
+    log_to_stdout()  # rank 0's progress lines; the Prefect train flow streams them into its log
     try:
         with RootLock(storage, purpose=f"shardflow train {train_cfg.run}") if take_root else contextlib.nullcontext():
             summary = train(train_cfg, storage, max_steps=args.max_steps)

@@ -87,13 +87,19 @@ class TrainerConfig(_Section):
     dtype: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on GPU, fp32 on CPU.")
     compile: bool = Field(False, description="torch.compile each transformer block.")
     activation_checkpointing: bool = Field(False, description="Recompute block activations in backward (memory for compute).")
-    log_every: int = Field(10, ge=1, description="Console line (without tqdm) and metrics upload cadence, in steps.")
+    log_every: int = Field(10, ge=1, description="Progress line (at most 5 % of the run apart) and metrics upload cadence, in steps.")
     eval_every: int = Field(0, ge=0, description="Validation loss every N steps on the val split; 0 = never.")
     eval_batches: int = Field(20, ge=1, description="Batches per rank per validation.")
     seed: int = Field(0, ge=0, description="Initial weights and the per-rank random streams.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     deterministic: bool = Field(True, description="torch.use_deterministic_algorithms while training (bitwise resume; may cost GPU speed).")
-    progress: bool = Field(True, description="Rank 0 console progress (tqdm when installed).")
+    progress: bool = Field(True, description="Rank 0 progress lines (logger shardflow.train); a tqdm bar too on a terminal.")
+
+
+class MetricsConfig(_Section):
+    """What a run records besides ``runs/<run>/metrics.jsonl`` (``train.metrics``)."""
+
+    tensorboard: bool = Field(True, description="TensorBoard event files under runs/<run>/tb/ (rank 0).")
 
 
 class TrainConfig(_Section):
@@ -105,6 +111,7 @@ class TrainConfig(_Section):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
 
     @model_validator(mode="after")
     def _check_expert_parallel(self) -> TrainConfig:

@@ -27,8 +27,10 @@ checkpoint commit — so readers see a complete file, never a partial line.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -128,12 +130,26 @@ class MetricsLog:
 
 
 def read_metrics(storage: Storage, ref: str) -> list[dict[str, Any]]:
-    """Parsed lines of a metrics log (for tests, evaluation and reports)."""
+    """The records of a metrics log, in order ([] when absent): the one reader (reports, eval, demo, tests).
+
+    Unparsable lines are skipped, not fatal: a torn last line (a crash mid-write) or a foreign
+    line must not stop a report from coming out of a run.
+    """
     try:
         raw = storage.read_bytes(ref)
     except FileNotFoundError:
         return []
-    return [json.loads(line) for line in raw.splitlines() if line.strip()]
+    out = []
+    for line in raw.splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+    return out
 
 
 def _fmt_count(x: float) -> str:
@@ -143,15 +159,113 @@ def _fmt_count(x: float) -> str:
     return f"{x:.0f}"
 
 
-class Progress:
-    """Rank 0's console: a tqdm bar when tqdm is installed and wanted, else a line every ``log_every`` steps."""
+# -- what a step line says ------------------------------------------------------------------------
 
-    def __init__(self, total: int, start: int, log_every: int, enabled: bool, use_bar: bool = True):
-        self.total, self.log_every, self.enabled = total, max(1, log_every), enabled
+LOGGER_NAME = "shardflow.train"
+log = logging.getLogger(LOGGER_NAME)
+"""Rank 0's progress lines. ``python -m shardflow.train`` sends them to stdout; the Prefect train
+flow forwards them into its run log (in-process: a handler; under torchrun: the streamed stdout)."""
+
+STEP_LINE = re.compile(r"\bstep (\d+)/(\d+) \|")
+"""How a progress line starts; the flow reads the step from it for its progress artifact."""
+
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "H800": 989e12, "GH200": 989e12, "A100": 312e12, "A800": 312e12,
+              "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10G": 70e12, "A10": 125e12, "B200": 2250e12}
+"""Dense bf16 peak FLOP/s per GPU by product name (vendor datasheets, without sparsity): MFU's denominator."""
+
+
+def log_cadence(total: int, log_every: int, max_gap_fraction: float = 0.05) -> int:
+    """Steps between progress lines: ``log_every``, but never more than 5 % of the run."""
+    return max(1, min(int(log_every), int(total * max_gap_fraction) or 1))
+
+
+def flops_per_token(n_active_params: int, n_layers: int, dim: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6 per active parameter (forward + backward) plus attention's
+    12·layers·dim·seq (PaLM's MFU accounting, appendix B)."""
+    return 6.0 * n_active_params + 12.0 * n_layers * dim * seq_len
+
+
+def peak_flops(device: Any) -> float | None:
+    """Peak bf16 FLOP/s of one accelerator of ``device``'s kind; None where unknown (CPUs)."""
+    if getattr(device, "type", str(device)) != "cuda":
+        return None
+    try:
+        import torch
+
+        name = torch.cuda.get_device_name(device)
+    except Exception:  # noqa: BLE001
+        return None
+    for key in sorted(PEAK_FLOPS, key=len, reverse=True):
+        if key in name.upper().replace("NVIDIA ", ""):
+            return PEAK_FLOPS[key]
+    return None
+
+
+def memory_bytes(device: Any) -> int | None:
+    """Peak memory of this process: allocated CUDA memory on a GPU, else the peak resident set size."""
+    try:
+        if getattr(device, "type", str(device)) == "cuda":
+            import torch
+
+            return int(torch.cuda.max_memory_allocated(device))
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def expert_imbalance(expert_tokens: Any) -> float | None:
+    """Worst layer's max/mean token-slots per expert in a step (1.0 = perfectly balanced)."""
+    worst = None
+    for layer in expert_tokens or []:
+        if not layer:
+            continue
+        mean = sum(layer) / len(layer)
+        if mean > 0:
+            r = max(layer) / mean
+            worst = r if worst is None else max(worst, r)
+    return worst
+
+
+def step_line(step: int, total: int, rec: dict[str, Any], eta_s: float | None = None, mfu: float | None = None,
+              mem: int | None = None) -> str:
+    """``step 40/300 | loss 5.1234 | lr 3.00e-03 | gnorm 0.812 | 41.2k tok/s | mfu 38.1% | mem 1.2G | imb 1.31 | eta 20s``."""
+    parts = [f"step {step}/{total}", f"loss {rec['loss']:.4f}"]
+    if "val_loss" in rec:
+        parts.append(f"val {rec['val_loss']:.4f}")
+    parts += [f"lr {rec['lr']:.2e}", f"gnorm {rec['grad_norm']:.3f}", f"{_fmt_count(rec['tokens_per_s'])} tok/s"]
+    if mfu is not None:
+        parts.append(f"mfu {100 * mfu:.1f}%")
+    if mem is not None:
+        parts.append(f"mem {_fmt_count(mem)}B")
+    imb = expert_imbalance(rec.get("expert_tokens"))
+    if imb is not None:
+        parts.append(f"imb {imb:.2f}")
+    if eta_s is not None and math.isfinite(eta_s):
+        parts.append(f"eta {eta_s:.0f}s")
+    return " | ".join(parts)
+
+
+class Progress:
+    """Rank 0's progress: a line through :data:`log` every :func:`log_cadence` steps (and at every
+    validation and the last step); a tqdm bar as well, only when stderr is a terminal.
+
+    ``flops_per_token`` and ``device`` give MFU (where the accelerator's peak is known) and memory.
+    """
+
+    def __init__(self, total: int, start: int, log_every: int, enabled: bool, use_bar: bool = True,
+                 flops_per_token: float | None = None, device: Any = None, world_size: int = 1):
+        self.total, self.enabled = total, enabled
+        self.every = log_cadence(total, log_every)
+        self.device, self.world_size = device, max(1, world_size)
+        peak = peak_flops(device) if device is not None else None
+        self._flops_per_token = flops_per_token if peak else None
+        self._peak = peak
         self._bar = None
         self._t0 = time.perf_counter()
         self._start = start
-        if enabled and use_bar:
+        if enabled and use_bar and _is_tty(sys.stderr):
             try:
                 from tqdm.auto import tqdm
             except ImportError:
@@ -159,25 +273,114 @@ class Progress:
             if tqdm is not None:
                 self._bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
 
+    def due(self, step: int, rec: dict[str, Any]) -> bool:
+        return step % self.every == 0 or step == self.total or "val_loss" in rec
+
     def update(self, step: int, rec: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        desc = (f"loss {rec['loss']:.4f} lr {rec['lr']:.2e} gnorm {rec['grad_norm']:.3f} "
-                f"{_fmt_count(rec['tokens_per_s'])} tok/s")
-        if "val_loss" in rec:
-            desc += f" val {rec['val_loss']:.4f}"
         if self._bar is not None:
-            if step % self.log_every == 0 or step == self.total or "val_loss" in rec:
-                self._bar.set_postfix_str(desc, refresh=False)
             self._bar.update(step - self._bar.n)
+        if not self.due(step, rec):
             return
-        if step % self.log_every == 0 or step == self.total or "val_loss" in rec:
-            elapsed = time.perf_counter() - self._t0
-            rate = (step - self._start) / elapsed if elapsed > 0 else 0.0
-            eta = (self.total - step) / rate if rate > 0 else float("nan")
-            print(f"step {step}/{self.total} | {desc} | eta {eta:.0f}s", flush=True)
+        elapsed = time.perf_counter() - self._t0
+        rate = (step - self._start) / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - step) / rate if rate > 0 else None
+        mfu = None
+        if self._flops_per_token and self._peak:
+            mfu = rec["tokens_per_s"] * self._flops_per_token / (self._peak * self.world_size)
+        line = step_line(step, self.total, rec, eta, mfu, memory_bytes(self.device) if self.device is not None else None)
+        if self._bar is not None:
+            self._bar.set_postfix_str(line.split(" | ", 1)[1], refresh=False)
+        log.info("%s", line)
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+def _is_tty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def log_to_stdout() -> None:
+    """Send :data:`log`'s lines to stdout, one flushed line each (``python -m shardflow.train``, torchrun ranks)."""
+    if not any(getattr(h, "_shardflow_stdout", False) for h in log.handlers):
+        h = logging.StreamHandler(sys.stdout)
+        h.setFormatter(logging.Formatter("%(message)s"))
+        h._shardflow_stdout = True  # type: ignore[attr-defined]
+        log.addHandler(h)
+    log.setLevel(logging.INFO)
+
+
+# -- TensorBoard ----------------------------------------------------------------------------------
+
+TB_SCALARS = ("loss", "val_loss", "aux_loss", "z_loss", "lr", "grad_norm", "tokens_per_s", "step_time_s", "dropped_tokens")
+
+
+class TensorBoardLog:
+    """Every step's scalars as TensorBoard event files under ``runs/<run>/tb/`` (rank 0; ``train.metrics.tensorboard``).
+
+    Written with ``torch.utils.tensorboard`` (needs the ``tensorboard`` package), so ``tensorboard
+    --logdir <root>/runs`` reads them. A resumed run opens a new event file with ``purge_step`` at
+    the first step it redoes: TensorBoard then discards the older file's steps from there on, as
+    the metrics log is cut back. On object stores the files are written locally and uploaded whole
+    at every flush (S3 has no append), like the metrics log.
+    """
+
+    def __init__(self, storage: Storage, ref: str, enabled: bool = True):
+        self.storage, self.ref, self.enabled = storage, ref, enabled
+        self._local = storage.protocol_of(ref) == "file"
+        self._w = None
+        self._dir: str | None = None
+
+    def start(self, start_step: int) -> None:
+        if not self.enabled:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:  # tensorboard not installed: the metrics log still has everything
+            log.warning("train.metrics.tensorboard: no TensorBoard event files (%s); pip install tensorboard", exc)
+            self.enabled = False
+            return
+        if self._local:
+            self._dir = self.storage.resolve(self.ref)[1]
+            os.makedirs(self._dir, exist_ok=True)
+        else:
+            self._dir = tempfile.mkdtemp(prefix="shardflow-tb-")
+        self._w = SummaryWriter(log_dir=self._dir, purge_step=start_step + 1 if start_step else None,
+                                flush_secs=3600, max_queue=1000)
+
+    def append(self, rec: dict[str, Any]) -> None:
+        if self._w is None:
+            return
+        step = int(rec["step"])
+        for key in TB_SCALARS:
+            v = rec.get(key)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                tag = f"val/{key[4:]}" if key.startswith("val_") else f"train/{key}"
+                self._w.add_scalar(tag, float(v), step)
+        imb = expert_imbalance(rec.get("expert_tokens"))
+        if imb is not None:
+            self._w.add_scalar("train/expert_imbalance", imb, step)
+
+    def flush(self) -> None:
+        if self._w is None:
+            return
+        self._w.flush()
+        if not self._local and self._dir is not None:
+            for name in sorted(os.listdir(self._dir)):
+                self.storage.put_file(os.path.join(self._dir, name), f"{self.ref}/{name}")
+
+    def close(self) -> None:
+        if self._w is None:
+            return
+        self.flush()
+        self._w.close()
+        self._w = None
+        if not self._local and self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)

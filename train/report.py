@@ -12,39 +12,17 @@ previous value.
 from __future__ import annotations
 
 import io
-import json
 import math
 from collections.abc import Sequence
 from typing import Any
 
-from shardflow.storage import Storage
+from .metrics import read_metrics  # noqa: F401 - the one metrics.jsonl reader; evaluation reads it from here
 
 PLOT_FILES = {"loss": "loss.png", "lr": "lr.png", "expert_load": "expert_load.png"}
 _LOWER_IS_BETTER = ("loss", "ppl", "cv", "dropped")
 
 
 # -- training metrics -------------------------------------------------------------------------------
-
-def read_metrics(storage: Storage, ref: str) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl ([] when absent); unparsable lines are skipped, not fatal:
-    a report must still come out of a run whose log was cut by a crash."""
-    try:
-        text = storage.read_text(ref)
-    except FileNotFoundError:
-        return []
-    out = []
-    for line in text.splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict):
-            out.append(rec)
-    return out
-
 
 def _num(x: Any) -> float | int | None:
     """A finite number (ints stay ints), else None: records may hold NaN/"nan"/missing values."""

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from shardflow.storage import Storage, StorageConfig, digest_json
-from shardflow.storage.layout import metrics_ref
+from shardflow.storage.layout import metrics_ref, tensorboard_dir
 from shardflow.storage.shards import ShardIndexError, read_index
 
 from .checkpoint import Checkpointer, CheckpointError, capture_rng, restore_rng
@@ -50,7 +50,7 @@ from .distributed import (
     wrap_model,
 )
 from .expert_parallel import clip_grad_norm
-from .metrics import MetricsLog, Progress
+from .metrics import MetricsLog, Progress, TensorBoardLog, flops_per_token
 from .model import MoETransformer
 from .model_config import model_config_digest
 from .optim import WarmupCosine, build_optimizer
@@ -244,6 +244,7 @@ class Trainer:
         self.loader = build_loader(cfg.data, storage, self.env.rank, self.env.world_size, split="train")
         self.checkpointer = Checkpointer(storage, cfg.run, cfg.checkpoint.keep_last, self.env)
         self.metrics = MetricsLog(storage, metrics_ref(cfg.run), enabled=self.env.is_main)
+        self.tb = TensorBoardLog(storage, tensorboard_dir(cfg.run), enabled=self.env.is_main and cfg.metrics.tensorboard)
 
     # -- checkpoint state ------------------------------------------------------------------------------
     def _meta(self, step: int, tokens: int) -> dict[str, Any]:
@@ -290,6 +291,7 @@ class Trainer:
         ref = self.checkpointer.save(step, self.model, self.optimizer, self._meta(step, tokens), capture_rng())
         if self.env.is_main:
             self.metrics.flush(durable=True)  # the log covers the step before the pointer names it
+            self.tb.flush()
         self.checkpointer.commit(step)
         return ref
 
@@ -335,7 +337,11 @@ class Trainer:
             seed_all(_rank_seed(tc.seed, self.env.rank, 0))
         end = tc.steps if max_steps is None else min(tc.steps, max_steps)
         self.metrics.start(start)
-        progress = Progress(tc.steps, start, tc.log_every, enabled=self.env.is_main and tc.progress)
+        self.tb.start(start)
+        m = self.cfg.model
+        progress = Progress(tc.steps, start, tc.log_every, enabled=self.env.is_main and tc.progress, device=self.device,
+                            flops_per_token=flops_per_token(self.n_active, m.n_layers, m.dim, int(self.index["seq_len"])),
+                            world_size=self.env.world_size)
         batches = _Batches(self.loader)
         last: dict[str, Any] = {}
         ckpt_ref = self.checkpointer.step_ref(start) if start else None
@@ -353,6 +359,7 @@ class Trainer:
                 if tc.eval_every > 0 and step % tc.eval_every == 0:
                     rec["val_loss"] = self.evaluate(tc.eval_batches)
                 self.metrics.append(rec)
+                self.tb.append(rec)
                 progress.update(step, rec)
                 last = rec
                 save = ck.enabled and (step == end or (ck.every_steps > 0 and step % ck.every_steps == 0))
@@ -360,10 +367,12 @@ class Trainer:
                     ckpt_ref = self._save(step, tokens)
                 elif self.env.is_main and step % max(1, tc.log_every) == 0:
                     self.metrics.flush()
+                    self.tb.flush()
         finally:
             batches.close()
             progress.close()
             self.metrics.close()
+            self.tb.close()
         return {
             "run": self.cfg.run,
             "start_step": start,

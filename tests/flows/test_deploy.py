@@ -115,17 +115,16 @@ def _fastapi_rejects_prefect_nulls() -> bool:
     return tuple(int(x) for x in fastapi.__version__.split(".")[:2]) >= (0, 151)
 
 
-@pytest.mark.usefixtures("prefect_server")
-@pytest.mark.xfail(_fastapi_rejects_prefect_nulls(), strict=True, raises=AssertionError,
-                   reason="fastapi>=0.151 rejects the null limit/offset `prefect deploy` sends (pin fastapi<0.151)")
-def test_prefect_yaml_deploys_to_work_pools(tmp_path):
-    """`prefect deploy --all` with the project's prefect.yaml, against pools made from the template."""
+def ensure_pools(*extra_process_pools: str):
+    """``cpu-pool`` (process) and ``gpu-pool`` (Kubernetes, from the project's template), plus more process pools."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
 
     async def pools():
         async with get_client() as client:
-            for name, kind, tpl in (("cpu-pool", "process", None), ("gpu-pool", "kubernetes", json.loads(TEMPLATE.read_text()))):
+            wanted = [("cpu-pool", "process", None), ("gpu-pool", "kubernetes", json.loads(TEMPLATE.read_text()))]
+            wanted += [(name, "process", None) for name in extra_process_pools]
+            for name, kind, tpl in wanted:
                 try:
                     await client.read_work_pool(name)
                 except Exception:  # noqa: BLE001 - absent: create
@@ -133,18 +132,42 @@ def test_prefect_yaml_deploys_to_work_pools(tmp_path):
                     await client.create_work_pool(WorkPoolCreate(name=name, type=kind, **kw))
             return await client.read_work_pool("gpu-pool")
 
-    gpu = asyncio.run(pools())
+    return asyncio.run(pools())
+
+
+def prefect_deploy(folder: Path, *args: str) -> subprocess.CompletedProcess:
+    """``prefect --no-prompt deploy`` with a copy of configs/prefect.yaml, run from ``folder`` (no
+    SHARDFLOW_CONFIG in its environment: nothing about the deploying machine may leak into the deployments)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "prefect.yaml").write_text((REPO / "configs" / "prefect.yaml").read_text())
+    env = {k: v for k, v in os.environ.items() if k not in ("SHARDFLOW_CONFIG", "SHARDFLOW_WORKDIR")}
+    env.update(PREFECT_API_URL=api_url(), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    return subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--prefect-file",
+                           str(folder / "prefect.yaml"), *args], cwd=folder, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.usefixtures("prefect_server")
+@pytest.mark.xfail(_fastapi_rejects_prefect_nulls(), strict=True, raises=AssertionError,
+                   reason="fastapi>=0.151 rejects the null limit/offset `prefect deploy` sends (pin fastapi<0.151)")
+def test_prefect_yaml_deploys_to_work_pools(tmp_path):
+    """`prefect deploy --all` with the project's prefect.yaml from a folder of its own, SHARDFLOW_CONFIG
+    unset: every deployment and the evaluate-after-train automation are accepted, and no deployment
+    remembers the folder it was deployed from."""
+    gpu = ensure_pools()
     assert gpu.base_job_template["variables"]["properties"]["gpus"]["default"] == 8
-    config = tmp_path / "pipeline.yaml"
-    config.write_text("storage:\n  root: /data/shardflow\n")
-    env = {**os.environ, "PREFECT_API_URL": api_url(), "SHARDFLOW_CONFIG": str(config)}
-    run = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all",
-                          "--prefect-file", str(REPO / "configs" / "prefect.yaml")], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=300)
+    here = tmp_path / "deployed-from-here"
+    run = prefect_deploy(here, "--all")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     spec = yaml.safe_load((REPO / "configs" / "prefect.yaml").read_text())
-    deps = {d["name"]: d for d in asyncio.run(_read_deployments()) if d["parameters"].get("config_path") == str(config)}
+    deps = {d["name"]: d for d in asyncio.run(_read_deployments()) if d.get("work_pool_name") in ("cpu-pool", "gpu-pool")}
     assert sorted(deps) == sorted(d["name"] for d in spec["deployments"])
     assert deps["train"]["work_pool_name"] == "gpu-pool" and deps["prep-clean"]["work_pool_name"] == "cpu-pool"
     assert deps["evaluate"]["job_variables"] == {"gpus": 1}
     assert [s["schedule"]["cron"] for s in deps["pipeline"]["schedules"]] == ["0 3 * * *"]
+    for d in deps.values():
+        assert d["parameters"]["config_path"] is None  # read from $SHARDFLOW_CONFIG where the run executes
+        assert d["pull_steps"] == [{"shardflow.flows.deploy.enter_workdir": {}}], d["pull_steps"]
+        assert str(here) not in json.dumps(d)
+    automations = [a for a in asyncio.run(_read_automations()) if a["name"] == "evaluate-after-train"]
+    assert any(a["actions"][0].get("deployment_id") == deps["evaluate"]["id"] for a in automations), automations

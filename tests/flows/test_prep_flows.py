@@ -182,13 +182,16 @@ def test_stage_tables_summary_and_progress_are_published(tmp_path, corpus):
 
     out = prep(toy_config(tmp_path / "root", corpus, "prep.clean.min_chars=25"))
     arts = flow_artifacts(out["flow_run_id"])
-    assert {"prep-upper", "prep-words", "prep-merge", "prep-summary", "prep-upper-progress", "prep-status"} <= set(arts)
-    assert "| upper | 3 | 3 | 0 | 0 | 0 | 0 | nothing |" in arts["prep-status"].data
-    rows = arts["prep-upper"].data
+    # keys are namespaced by the pipeline's name (default "shardflow"): two pipelines never overwrite each other's
+    assert {"shardflow-prep-upper", "shardflow-prep-words", "shardflow-prep-merge", "shardflow-prep-summary",
+            "shardflow-prep-upper-progress", "shardflow-prep-status"} <= set(arts)
+    assert "| upper | 3 | 3 | 0 | 0 | 0 | 0 | nothing |" in arts["shardflow-prep-status"].data
+    rows = arts["shardflow-prep-upper"].data
     rows = json.loads(rows) if isinstance(rows, str) else rows
     assert [r["shard"] for r in rows] == [f"{sid(corpus, 0)}", f"{sid(corpus, 1)}", f"{sid(corpus, 2)}", "TOTAL (3 shards)"]
     total = rows[-1]
     # 5 docs and one malformed line per file; "Short. (file i, doc 4)" is under 25 characters.
     assert (total["docs_in"], total["docs_out"], total["quarantined"], total["dropped.length"]) == (15, 12, 3, 3)
-    assert "| upper | 3 | 0 | 0 | 15 | 12 | 3 |" in arts["prep-summary"].data
-    assert float(arts["prep-upper-progress"].data) == 100.0
+    assert list(rows[0])[:6] == ["shard", "state", "docs_in", "docs_out", "tokens", "wall_time_s"]  # what matters first
+    assert "| upper | 3 | 0 | 0 | 15 | 12 | 3 |" in arts["shardflow-prep-summary"].data
+    assert float(arts["shardflow-prep-upper-progress"].data) == 100.0

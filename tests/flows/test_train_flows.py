@@ -67,8 +67,8 @@ def test_pipeline_prepares_trains_then_evaluates_as_subflows(tmp_path, corpus, m
     assert all(c["state_type"] == "COMPLETED" for c in children)
     assert children[1]["end_time"] <= children[2]["start_time"]
     arts = flow_artifacts(children[2]["id"])
-    assert "val ppl 12.5" in arts["eval-report-r1"].data and "eval-r1-perplexity" in arts
-    assert "| step | 3 |" in flow_artifacts(children[1]["id"])["train-r1"].data
+    assert "val ppl 12.5" in arts["shardflow-eval-report-r1"].data and "shardflow-eval-r1-perplexity" in arts
+    assert "| step | 3 |" in flow_artifacts(children[1]["id"])["shardflow-train-r1"].data
 
 
 @pytest.mark.usefixtures("prefect_server")

@@ -389,15 +389,21 @@ def test_cli_main_trains_from_a_pipeline_yaml_and_exits_2_on_bad_data(data_root:
     assert "train.trainer.steps" in capsys.readouterr().err
 
 
-def test_plain_progress_line_every_log_every_steps_and_on_validation(capsys):
-    from shardflow.train.metrics import Progress
+def test_progress_line_every_log_every_steps_and_on_validation(caplog):
+    import logging
 
-    progress = Progress(total=7, start=0, log_every=3, enabled=True, use_bar=False)
-    rec = {"loss": 2.5, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_s": 12345.0}
-    for step in range(1, 8):
-        progress.update(step, dict(rec, val_loss=2.75) if step == 4 else rec)
-    lines = capsys.readouterr().out.splitlines()
-    assert [ln.split(" | ")[0] for ln in lines] == ["step 3/7", "step 4/7", "step 6/7", "step 7/7"]
-    assert "loss 2.5000 lr 1.00e-03 gnorm 0.500 12.3k tok/s" in lines[0] and "val 2.7500" in lines[1]
-    Progress(total=7, start=0, log_every=3, enabled=False).update(3, rec)
-    assert capsys.readouterr().out == ""
+    from shardflow.train.metrics import LOGGER_NAME, Progress
+
+    progress = Progress(total=70, start=0, log_every=3, enabled=True, use_bar=False)
+    rec = {"loss": 2.5, "lr": 1e-3, "grad_norm": 0.5, "tokens_per_s": 12345.0, "expert_tokens": [[3, 1], [2, 2]]}
+    with caplog.at_level(logging.INFO, logger=LOGGER_NAME):
+        for step in range(1, 8):
+            progress.update(step, dict(rec, val_loss=2.75) if step == 4 else rec)
+    lines = [r.getMessage() for r in caplog.records if r.name == LOGGER_NAME]
+    assert [ln.split(" | ")[0] for ln in lines] == ["step 3/70", "step 4/70", "step 6/70"]
+    assert "loss 2.5000 | lr 1.00e-03 | gnorm 0.500 | 12.3k tok/s" in lines[0] and "val 2.7500" in lines[1]
+    assert "imb 1.50" in lines[0] and " mfu " not in lines[0]  # CPU: no known peak, no MFU
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger=LOGGER_NAME):
+        Progress(total=7, start=0, log_every=3, enabled=False).update(3, rec)
+    assert not caplog.records
