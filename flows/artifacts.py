@@ -155,13 +155,16 @@ def dedup_report_markdown(report: Mapping[str, Any], bar_width: int = 40) -> str
     return "\n".join(lines) + "\n"
 
 
-def publish_dedup_report(storage: Any, flow_label: str) -> None:
-    """Publish the dedup cluster report of ``storage`` if the cluster phase has written one."""
+def publish_dedup_report(storage: Any, flow_label: str, pipeline: str = "shardflow") -> None:
+    """Publish the dedup cluster report of ``storage`` if the cluster phase has written one.
+
+    Its key is ``<pipeline>-<flow>-dedup-report``: not the stage table's (``…-dedup-clusters``),
+    whose history it would otherwise interleave with."""
     from shardflow.dataprep.dedup import REPORT_REF
 
     def run() -> None:
         if storage.exists(REPORT_REF):
-            publish_markdown(f"{flow_label}-dedup-clusters", dedup_report_markdown(storage.read_json(REPORT_REF)),
+            publish_markdown(artifact_key(pipeline, flow_label, "dedup-report"), dedup_report_markdown(storage.read_json(REPORT_REF)),
                              "Dedup: cluster sizes and the largest clusters")
 
     _safe(run)

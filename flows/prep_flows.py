@@ -197,7 +197,7 @@ def run_stage_tasks(stage: Stage, storage: Storage, cfg: PipelineConfig, runner,
     artifacts.publish_table(artifacts.artifact_key(cfg.name, flow_label, stage.name), table,
                             f"Stage {stage.name}: {len(ran)} shard(s) run, {summary['skipped']} up to date, {len(failed)} failed")
     if stage.name == "dedup_clusters":
-        artifacts.publish_dedup_report(storage, flow_label)
+        artifacts.publish_dedup_report(storage, flow_label, cfg.name)
     logger.info("stage %s: ran %d, up to date %d, failed %d, docs %d -> %d, tokens %d (%.1fs)", stage.name, len(ran),
                 summary["skipped"], len(failed), summary["docs_in"], summary["docs_out"], summary["tokens"], summary["wall_s"])
     return summary

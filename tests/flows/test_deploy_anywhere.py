@@ -116,6 +116,7 @@ def test_deployment_runs_on_a_worker_in_another_folder_after_the_deploy_folder_i
     assert records == ["000000.json", "000001.json"]
 
 
+@pytest.mark.slow  # ~25 s on 2 busy cores; the worker variant above is the fast-suite check
 @pytest.mark.usefixtures("prefect_server")
 def test_served_deployment_runs_with_the_serving_folder_gone(tmp_path):
     config = _pipeline_file(tmp_path)

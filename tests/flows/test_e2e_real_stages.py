@@ -59,7 +59,7 @@ def test_real_stages_end_to_end(real_config, capsys):
     assert main(["prep", "all", "--config", str(real_config)]) == 0
     from .conftest import flow_artifacts
 
-    dedup_art = [a for k, a in flow_artifacts(last_flow_run_id()).items() if k.endswith("dedup-clusters")]
+    dedup_art = [a for k, a in flow_artifacts(last_flow_run_id()).items() if k.endswith("dedup-report")]
     assert len(dedup_art) == 1 and "# Dedup clusters" in dedup_art[0].data
     capsys.readouterr()
     assert main(["status", "--json", "--config", str(real_config)]) == 0
