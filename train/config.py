@@ -83,7 +83,7 @@ class TrainerConfig(_Section):
     grad_accum: int = Field(1, ge=1, description="Micro-batches (of data.batch_size per rank) per optimizer step.")
     parallelism: Literal["ddp", "fsdp"] = Field("ddp", description="Under torchrun: DDP (replicated) or FSDP2 (sharded).")
     expert_parallel: int = Field(1, ge=1, description="Ranks each expert stack is split over (EP groups of consecutive ranks, "
-                                 "all-to-all token dispatch); 1 = off. Must divide model.n_experts and the process count; needs ddp.")
+                                 "all-to-all token dispatch); 1 = off. Must divide model.n_experts and the process count.")
     dtype: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto = bf16 autocast on GPU, fp32 on CPU.")
     compile: bool = Field(False, description="torch.compile each transformer block.")
     activation_checkpointing: bool = Field(False, description="Recompute block activations in backward (memory for compute).")
@@ -118,8 +118,6 @@ class TrainConfig(_Section):
         ep = self.trainer.expert_parallel
         if self.model.n_experts % ep:
             raise ValueError(f"trainer.expert_parallel={ep} must divide model.n_experts={self.model.n_experts}")
-        if ep > 1 and self.trainer.parallelism != "ddp":
-            raise ValueError("trainer.expert_parallel > 1 needs trainer.parallelism: ddp (FSDP2 with EP is not supported yet)")
         return self
 
 

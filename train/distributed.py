@@ -138,7 +138,8 @@ def wrap_model(model: nn.Module, env: DistEnv, parallelism: Parallelism,
     """DDP (replicated weights, gradient all-reduce) or FSDP2 (``fully_shard`` per block, then root).
 
     ``expert_parallel > 1`` first cuts every expert stack over a ``(dp, ep)`` mesh
-    (``train.expert_parallel``); DDP then replicates and reduces only the other parameters.
+    (``train.expert_parallel``); DDP or FSDP2 then handles only the other parameters (FSDP2 leaves
+    the slices in fp32; they are cast to the compute dtype where used).
     In a world of one the model is returned as is. FSDP2 takes mixed precision through its own
     policy (bf16 all-gathers and compute, fp32 gradient reduction), so the trainer does not also
     autocast it. Blocks are sharded one by one so their parameters are gathered just in time and
@@ -151,12 +152,14 @@ def wrap_model(model: nn.Module, env: DistEnv, parallelism: Parallelism,
 
         n_experts = next((m.n_experts for _, m in expert_modules(model)), 0)
         check_degree(expert_parallel, env.world_size, n_experts)
-        if parallelism != "ddp":
-            raise ValueError("trainer.expert_parallel > 1 needs trainer.parallelism: ddp (FSDP2 with EP is not supported yet)")
         state = shard_experts(model, build_mesh(env.device.type, env.world_size, expert_parallel), env.world_size)
+        # The expert slices are reduced by their own hooks (over dp only): DDP / FSDP2 leave them alone.
+        ignored = {p for n, p in model.named_parameters() if n in set(state.expert_fqns)}
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         DDP._set_params_and_buffers_to_ignore_for_model(model, state.expert_fqns)
+    else:
+        ignored = None
     if not env.distributed:
         return model
     if parallelism == "ddp":
@@ -177,8 +180,8 @@ def wrap_model(model: nn.Module, env: DistEnv, parallelism: Parallelism,
         blocks = list(getattr(model, "blocks", []))
         for i, block in enumerate(blocks):
             # The last block's parameters are needed again right away by backward: keep them.
-            fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(blocks) - 1)
-        fully_shard(model, mesh=mesh, mp_policy=mp)
+            fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=i < len(blocks) - 1, ignored_params=ignored)
+        fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=ignored)
         return model
     raise ValueError(f"parallelism must be 'ddp' or 'fsdp', got {parallelism!r}")
 

@@ -10,7 +10,8 @@ rank reads its own data (the loader is sharded over the whole world, as without 
   EP group keeps experts ``j·E/ep … (j+1)·E/ep - 1``. The ``dp`` ranks with the same ep coordinate
   hold the same slice.
 * Everything else (attention, norms, router, embeddings, shared expert) is replicated and reduced
-  over the whole world by DDP, exactly as without EP; DDP is told to ignore the expert stacks.
+  over the whole world by DDP (or sharded over it by FSDP2), exactly as without EP; both are told
+  to ignore the expert stacks, which stay plain fp32 tensors (cast where used).
 * An expert slice's gradient already sums the contributions of every rank of its EP group (the
   all-to-all backward brings them home); adding the ``dp`` replicas (all-reduce over the dp group)
   and dividing by the world size gives DDP's average over all ranks — the gradient an EP=1 run
@@ -137,15 +138,18 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> Tensor:
     experts = [p.grad for p in params if id(p) in expert_ids]
     device = grads[0].device if grads else torch.device("cpu")
     sq = torch.zeros(2, dtype=torch.float32, device=device)
-    if dense:
-        sq[0] = torch.nn.utils.get_total_norm(dense).float().square()
+    if dense:  # replicated (DDP) or FSDP2 shards, whose norm is a DTensor: its full value is global
+        n = torch.nn.utils.get_total_norm(dense)
+        sq[0] = (n.full_tensor() if hasattr(n, "full_tensor") else n).float().square()
     if experts:
         sq[1] = torch.nn.utils.get_total_norm(experts).float().square()
     part = sq[1:].clone()
     dist.all_reduce(part, group=st.ep.group)
     total = (sq[0] + part[0]).sqrt()
-    if max_norm < float("inf") and grads:
-        torch.nn.utils.clip_grads_with_norm_(grads, max_norm, total)
+    if max_norm < float("inf"):
+        for group in (dense, experts):  # apart: one foreach call cannot mix DTensors and tensors
+            if group:
+                torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
     return total
 
 

@@ -192,7 +192,8 @@ class SwiGLUExperts(nn.Module):
         # unbind/split rather than w[e] / x[idx]: backward then builds each weight gradient with one
         # stack and the input gradient with one cat, instead of summing E full-size zero tensors
         # (transformers' eager loop pays that, quadratic in E).
-        w1, w3, w2 = self.w1.unbind(0), self.w3.unbind(0), self.w2.unbind(0)
+        # .to: expert-parallel slices under FSDP2 stay fp32 while x arrives in its param dtype (no-op otherwise).
+        w1, w3, w2 = (w.to(x.dtype).unbind(0) for w in (self.w1, self.w3, self.w2))
         outs = [
             F.linear(F.silu(F.linear(xe, w1[e])) * F.linear(xe, w3[e]), w2[e])
             for e, xe in enumerate(x.split(counts))
@@ -202,8 +203,9 @@ class SwiGLUExperts(nn.Module):
 
     def forward_padded(self, x: Tensor) -> Tensor:
         """Batched experts over a ``[E, C, dim]`` buffer (C slots each): one bmm per projection."""
-        h = F.silu(torch.bmm(x, self.w1.transpose(1, 2))) * torch.bmm(x, self.w3.transpose(1, 2))
-        return torch.bmm(h, self.w2.transpose(1, 2))
+        w1, w3, w2 = (w.to(x.dtype).transpose(1, 2) for w in (self.w1, self.w3, self.w2))
+        h = F.silu(torch.bmm(x, w1)) * torch.bmm(x, w3)
+        return torch.bmm(h, w2)
 
 
 class _DroplessExperts(torch.autograd.Function):

@@ -47,6 +47,10 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
     """
     groups = param_groups(model, cfg.weight_decay)
     kw = {"lr": cfg.lr, "betas": tuple(cfg.betas), "eps": cfg.eps}
+    if len({hasattr(p, "full_tensor") for p in model.parameters()}) > 1:
+        # FSDP2 DTensors next to plain tensors (expert-parallel slices): the fused and foreach
+        # kernels take one kind per call, so update parameter by parameter.
+        return torch.optim.AdamW(groups, foreach=False, fused=False, **kw)
     if cfg.fused is False:
         return torch.optim.AdamW(groups, foreach=True, **kw)
     try:

@@ -1,5 +1,6 @@
 """Expert parallelism on 4 gloo processes: EP=2 and EP=4 compute EP=1's loss, router statistics and
-every gradient (fp32, rtol 1e-5), dropless and capacity; plus the trainer end to end."""
+every gradient (fp32, rtol 1e-5), dropless and capacity, with DDP and FSDP2 for the other
+parameters; plus the trainer end to end, checkpoint resharding and a two-node launch."""
 from __future__ import annotations
 
 import json
@@ -80,11 +81,12 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                 p.grad /= WORLD
             ref_grads = {n: p.grad.clone() for n, p in ref.named_parameters()}
             ref_norm = clip_grad_norm(ref, float("inf"))
-            for ep in (2, 4):
+            combos = [("ddp", 2), ("ddp", 4)] + ([("fsdp", 2)] if dispatch == "dropless" else [])
+            for parallelism, ep in combos:
                 torch.manual_seed(0)
                 model = MoETransformer(cfg)
                 model.load_state_dict(init)
-                wrapped = wrap_model(model, env, "ddp", expert_parallel=ep)
+                wrapped = wrap_model(model, env, parallelism, expert_parallel=ep)
                 st = state_of(wrapped)
                 outs = _forward_backward(wrapped, batch)
                 errs = {}
@@ -97,13 +99,14 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                 for n, p in model.named_parameters():
                     want = ref_grads[n][lo:hi] if n in st.expert_fqns else ref_grads[n]
                     assert p.shape == want.shape, n
-                    grad_err = max(grad_err, _close(n, p.grad, want))
+                    got = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad  # FSDP2 shards
+                    grad_err = max(grad_err, _close(n, got, want))
                 norm = clip_grad_norm(wrapped, float("inf"))
                 errs["grad"], errs["grad_norm"] = grad_err, _close("grad_norm", norm, ref_norm)
                 n_exp = sum(p.numel() for n, p in model.named_parameters() if n in st.expert_fqns)
                 n_full = sum(ref_grads[n].numel() for n in st.expert_fqns)
                 errs["expert_param_fraction"] = n_exp / n_full
-                report[f"{dispatch}-ep{ep}"] = errs
+                report[f"{dispatch}-{parallelism}-ep{ep}"] = errs
                 del wrapped
         check_same_on_all_ranks(env, "same", "configs")
         with pytest.raises(ValueError, match=r"different configs: ranks \[0, 1\] have a; ranks \[2, 3\] have b"):
@@ -118,7 +121,7 @@ def test_ep2_and_ep4_loss_stats_and_every_gradient_equal_ep1(tmp_path):
     mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     report = json.loads((tmp_path / "report.json").read_text())
     print("max relative differences vs EP=1:", json.dumps(report, indent=1))
-    assert set(report) == {f"{d}-ep{e}" for d in ("dropless", "capacity") for e in (2, 4)}
+    assert set(report) == {f"{d}-ddp-ep{e}" for d in ("dropless", "capacity") for e in (2, 4)} | {"dropless-fsdp-ep2"}
     for key, errs in report.items():
         ep = int(key[-1])
         assert errs["expert_param_fraction"] == pytest.approx(1 / ep)
@@ -132,8 +135,6 @@ def test_degree_checks_are_one_line_errors():
         check_degree(4, 4, 6)
     with pytest.raises(ValueError, match="expert_parallel=3 must divide model.n_experts=4"):
         TrainConfig.model_validate(tiny_cfg("x").model_dump() | {"trainer": {"expert_parallel": 3}})
-    with pytest.raises(ValueError, match="needs trainer.parallelism: ddp"):
-        TrainConfig.model_validate(tiny_cfg("x").model_dump() | {"trainer": {"expert_parallel": 2, "parallelism": "fsdp"}})
     with pytest.raises(ValueError, match="must divide the number of processes"):
         wrap_model(MoETransformer(tiny_cfg("x").model), DistEnv(), "ddp", expert_parallel=2)
 
@@ -237,3 +238,11 @@ def test_rendezvous_args_validate_and_build_torchrun_options():
                        ((0, 0, None), "nnodes")]:
         with pytest.raises(ValueError, match=match):
             rendezvous_args(*bad)
+
+
+@pytest.mark.slow
+def test_ep2_with_fsdp2_trains_like_ep1_and_its_checkpoint_resumes_in_ddp(data_root: Storage, ep1_reference, tmp_path):
+    cfg = tiny_cfg("ep2-fsdp", trainer={"expert_parallel": 2, "parallelism": "fsdp"})
+    assert finish(launch(cfg, data_root, 2, tmp_path, extra=["--max-steps", "10"]))["step"] == 10
+    assert finish(launch(tiny_cfg("ep2-fsdp"), data_root, 2, tmp_path))["start_step"] == 10  # DDP, EP=1 now
+    assert_same_training(read_metrics(data_root, metrics_ref("ep2-fsdp")), ep1_reference, range(1, STEPS + 1))
