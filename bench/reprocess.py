@@ -156,10 +156,12 @@ def run_all(cfg) -> dict[str, dict]:
     storage = cfg.storage_handle()
     out = {}
     for stage in build_stages(cfg.prep):
+        t0 = time.perf_counter()
         res = run_stage(stage, storage)
         if res["failed"]:
             raise RuntimeError(f"stage {stage.name} failed: {res['failed']}")
         out[stage.name] = {k: len(v) for k, v in res.items() if k in ("ran", "skipped", "retired")}
+        out[stage.name]["s"] = round(time.perf_counter() - t0, 2)
     return out
 
 
@@ -254,6 +256,7 @@ def bench_backend(name: str, base_files: list[Path], new_files: list[Path], work
         "noop_ratio": round(noop_s / full_s, 4), "noop_cli_ratio": round(cli_s / full_s, 4),
         "noop_read_manifest_kb": round(noop_read[0] / 1e3, 1), "noop_read_data_bytes": noop_read[1],
         "noop_read_mb_per_gb_input": round((noop_read[0] + noop_read[1]) / 1e6 / (in_bytes / 1e9), 2),
+        "full_stage_s": {k: v["s"] for k, v in full.items()}, "append_stage_s": {k: v["s"] for k, v in added.items()},
         "append_s": round(add_s, 2), "append_ratio": round(add_s / full_s, 4), "append_ran_per_shard_stages": per_shard,
         "append_read_mb": round((add_read[0] + add_read[1]) / 1e6, 1),
         "union_s": round(union_s, 2), "files_compared": len(set(a) | set(b)), "files_differing": differ[:20],
