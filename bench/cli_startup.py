@@ -43,7 +43,8 @@ def main() -> None:
     args = ap.parse_args()
     py = sys.executable
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    env.update(PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_LOGGING_LEVEL="WARNING")
+    env.update(PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_LOGGING_LEVEL="WARNING",
+               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180")  # a loaded machine starts it slowly
     work = Path(tempfile.mkdtemp(prefix="shardflow-startup-"))
     corpus = work / "in"
     corpus.mkdir()

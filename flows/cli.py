@@ -129,28 +129,28 @@ def cmd_prep(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    cfg = _load_existing_root(args)  # config errors first, before the heavier imports
     from .status import print_status
 
-    cfg = _load_existing_root(args)
     print_status(cfg, as_json=args.json)
     return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    cfg = _load_existing_root(args)  # a user error is reported before Prefect is even imported
     from .train_flows import run_train
 
-    cfg = _load_existing_root(args)
     result = run_train(cfg, nproc=args.nproc, evaluate=not args.no_eval, nnodes=args.nnodes, node_rank=args.node_rank,
                        rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id)
     return 0 if result.get("ok", True) else 1
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .train_flows import run_eval
-
     cfg = _load_existing_root(args)
     if cfg.eval.enabled:
         _check_checkpoint(cfg, args.checkpoint or cfg.eval.checkpoint)
+    from .train_flows import run_eval
+
     result = run_eval(cfg, checkpoint=args.checkpoint)
     return 0 if result.get("ok", True) else 1
 
@@ -173,17 +173,17 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    cfg = _load(args)  # a bad cron or key is reported before Prefect is even imported
     from .deploy import serve
 
-    cfg = _load(args)
     serve(cfg, config_path=args.config, overrides=args.overrides)
     return 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    cfg = _load_existing_root(args)
     from .status import verify
 
-    cfg = _load_existing_root(args)
     problems = verify(cfg)
     return 0 if not problems else 1
 

@@ -72,23 +72,24 @@ def _plain_cron_error(expr: str) -> str | None:
 def check_cron(expr: str) -> str:
     """``expr`` if Prefect's server accepts it as a cron schedule, else ValueError saying why.
 
-    Plain 5-field crons are accepted here without importing Prefect (``config validate`` and
-    ``prep`` stay fast); anything else (macros, ``L``, ``#``, a seconds field, mistakes) goes to
-    Prefect's own validator, so what passes is exactly what ``serve`` and ``prefect deploy`` can
-    register, and a mistake in a plain cron is explained field by field.
+    Plain 5-field crons (numbers, names, ``*``, ranges, steps, lists) are judged here without
+    importing Prefect, so ``config validate``, ``prep`` and a user error stay fast; anything else
+    (macros, ``L``, ``#``, a seconds field, wrapping ranges) goes to Prefect's own validator.
+    tests/flows/test_cli_errors.py checks that both agree on what the server accepts.
     """
     if not isinstance(expr, str) or not expr.strip():
         raise ValueError(f"invalid cron {expr!r}: empty")
     why = _plain_cron_error(expr)
     if why is None:
         return expr
+    exotic = len(expr.split()) == 6 or any(c in expr for c in "LW#?@") or "backwards" in why
+    if not exotic:  # a plain cron with a plain mistake: say which field, without importing Prefect
+        raise ValueError(f"invalid cron {expr!r}: {why}")
     from prefect._internal.schemas.validators import validate_cron_string  # the authority, for the rest
 
     try:
         return validate_cron_string(expr)
     except ValueError as exc:
-        if len(expr.split()) != 6 and not any(c in expr for c in "LW#?@"):  # a plain cron: say which field
-            raise ValueError(f"invalid cron {expr!r}: {why}") from None
         raise ValueError(f"invalid cron {expr!r}: {exc}") from None
 
 
