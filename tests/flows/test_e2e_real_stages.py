@@ -95,6 +95,7 @@ def test_real_stages_end_to_end(real_config, capsys):
     assert main(["verify", "--config", str(real_config)]) == 0
 
 
+@pytest.mark.slow  # ~40 s idle, two more full flow runs; the fast suite has the toy-stage version (test_status.py)
 def test_appended_input_status_predicts_and_run_redoes_only_its_shards(real_config, capsys):
     """Issue 14 end to end: a new input file; `status` says what the next run does and why; the
     run does exactly that (new shards in per-shard stages, the global dedup phases and pack; the
