@@ -21,8 +21,10 @@ from shardflow.dataprep.stages import DEFAULT_FACTORY, load_factory, select_stag
 from shardflow.storage.lock import RootLock
 from shardflow.storage.manifest import list_records, record_session
 
+from .errors import UserError
 
-class RequestError(ValueError):
+
+class RequestError(UserError):
     """The command asks for something that does not exist (a stage, a shard, an input)."""
 
 
