@@ -92,7 +92,12 @@ class TrainerConfig(_Section):
     eval_batches: int = Field(20, ge=1, description="Batches per rank per validation.")
     seed: int = Field(0, ge=0, description="Initial weights and the per-rank random streams.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    deterministic: bool = Field(True, description="torch.use_deterministic_algorithms while training (bitwise resume; may cost GPU speed).")
+    deterministic: bool = Field(
+        False, description="Deterministic kernels (use_deterministic_algorithms, cuDNN deterministic, fixed cuBLAS workspace): "
+        "bitwise resume on GPU at some speed. Off = cuDNN autotuning and the fastest kernels; on CPU both are bitwise.")
+    keep_global_batch: bool = Field(
+        True, description="Resuming on another world size: set grad_accum so that batch_size x grad_accum x world size "
+        "equals the checkpoint's global batch (refuse where impossible); false = grad_accum as configured.")
     progress: bool = Field(True, description="Rank 0 progress lines (logger shardflow.train); a tqdm bar too on a terminal.")
 
 

@@ -177,6 +177,14 @@ def wrap_model(model: nn.Module, env: DistEnv, parallelism: Parallelism,
 
         mesh = init_device_mesh(env.device.type, (env.world_size,))
         mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else MixedPrecisionPolicy()
+        if param_dtype is not None and param_dtype != torch.float32:
+            # Modules that must compute in fp32 (the MoE router: top-k on bf16-rounded gate weights
+            # differs from fp32 on a few % of tokens) become units of their own whose parameters
+            # are gathered in fp32; their block then manages only the remaining parameters.
+            fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+            for m in model.modules():
+                if getattr(m, "keep_fp32", False):
+                    fully_shard(m, mesh=mesh, mp_policy=fp32, reshard_after_forward=False)
         blocks = list(getattr(model, "blocks", []))
         for i, block in enumerate(blocks):
             # The last block's parameters are needed again right away by backward: keep them.

@@ -9,6 +9,7 @@ target device, then call ``init_weights()`` (it also rebuilds the non-persistent
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -55,6 +56,37 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
+def _sdpa_has_gqa() -> bool:
+    try:
+        return "enable_gqa" in inspect.signature(F.scaled_dot_product_attention).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: ask by calling it
+        try:
+            t = torch.zeros(1, 2, 1, 2)
+            F.scaled_dot_product_attention(t, t[:, :1], t[:, :1], enable_gqa=True)
+            return True
+        except TypeError:
+            return False
+
+
+SDPA_GQA = _sdpa_has_gqa()
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, *, gqa: bool | None = None) -> Tensor:
+    """Causal SDPA of ``q`` ``[B, H, S, D]`` over ``k``/``v`` ``[B, H_kv, S, D]`` (``H_kv`` divides ``H``).
+
+    With torch's ``enable_gqa`` (2.5+) each group of ``H / H_kv`` query heads reads its shared K/V
+    head in place; the fallback materialises K/V repeated to ``H`` heads (``H / H_kv`` times the K/V
+    activation memory and bandwidth). ``gqa`` forces one or the other (tests compare them).
+    """
+    rep = q.shape[1] // k.shape[1]
+    if rep == 1:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if SDPA_GQA if gqa is None else gqa:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
 class Attention(nn.Module):
     """Grouped-query causal self-attention with RoPE."""
 
@@ -72,11 +104,7 @@ class Attention(nn.Module):
         k = self.wk(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.n_kv_heads != self.n_heads:
-            # Explicit repeat rather than enable_gqa: every SDPA backend (flash, cuDNN, CPU) accepts it.
-            rep = self.n_heads // self.n_kv_heads
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = causal_attention(q, k, v)
         return self.wo(y.transpose(1, 2).reshape(b, s, -1))
 
 

@@ -95,12 +95,15 @@ class ModelConfig(BaseModel):
         blocks = self.n_layers * (self._attn_params() + 2 * self.dim) + moe + dense
         return blocks + self.vocab_size * self.dim + self.dim
 
-    def flops_per_token(self, seq_len: int) -> float:
+    def flops_per_token(self, seq_len: int, causal: bool = False) -> float:
         """Training FLOPs per token (fwd+bwd): ``6·N_active + 12·L·H·head_dim·seq_len`` (PaLM, appendix B).
 
-        The attention term counts the full score matrix (no causal halving), as MFU is usually quoted.
+        The attention term counts the full score matrix, as MFU is often quoted; ``causal=True``
+        counts what a causal kernel executes instead: half of it (a token attends to ``seq_len / 2``
+        keys on average), which is what bench/train_gpu.py reports so MFU is not inflated.
         """
-        return 6 * self.num_active_params() + 12 * self.n_layers * self.n_heads * self.head_dim * seq_len
+        attn = 12 * self.n_layers * self.n_heads * self.head_dim * seq_len
+        return 6 * self.num_active_params() + (attn / 2 if causal else attn)
 
 
 def model_config_digest(model: ModelConfig | Mapping[str, Any]) -> str:

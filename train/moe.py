@@ -20,8 +20,7 @@ Dispatch modes:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -49,9 +48,12 @@ class SwiGLU(nn.Module):
 # --------------------------------------------------------------------------------------------- router
 
 
-@dataclass
-class Routing:
-    """One router decision for a flat batch of ``T`` tokens."""
+class Routing(NamedTuple):
+    """One router decision for a flat batch of ``T`` tokens, all fp32 whatever the caller's autocast.
+
+    A NamedTuple (a pytree node) rather than a dataclass so FSDP2's forward/backward hooks see the
+    tensors inside when the router is sharded as its own unit (``distributed.wrap_model``).
+    """
 
     logits: Tensor  # [T, E] fp32
     probs: Tensor  # [T, E] fp32, softmax over all experts
@@ -68,13 +70,15 @@ def load_balancing_loss(probs: Tensor, experts: Tensor, n_experts: int) -> Tenso
     normalizes by tokens, so its value is ``k`` times this one).
     """
     counts = expert_counts(experts, n_experts)
-    f = counts.to(probs.dtype) / experts.numel()
-    return n_experts * torch.sum(f * probs.mean(dim=0))
+    with torch.autocast(probs.device.type, enabled=False):
+        f = counts.float() / experts.numel()
+        return n_experts * torch.sum(f * probs.float().mean(dim=0))
 
 
 def router_z_loss(logits: Tensor) -> Tensor:
     """ST-MoE z-loss, mean of ``logsumexp(logits)^2``: keeps router logits small for bf16 stability."""
-    return torch.logsumexp(logits, dim=-1).square().mean()
+    with torch.autocast(logits.device.type, enabled=False):
+        return torch.logsumexp(logits.float(), dim=-1).square().mean()
 
 
 def expert_counts(experts: Tensor, n_experts: int) -> Tensor:
@@ -88,9 +92,15 @@ def expert_counts(experts: Tensor, n_experts: int) -> Tensor:
 class Router(nn.Module):
     """Linear gate in fp32 → softmax → top-k → renormalize (Mixtral semantics).
 
-    The gate runs in fp32 even under bf16 training because small logit differences decide routing;
-    its cost is negligible (``dim × E``).
+    Small logit differences decide routing, so the whole decision is fp32 on every path: autocast
+    is switched off around it (autocast would otherwise run ``F.linear`` in bf16 even on fp32
+    inputs; that flips the top-k of a few percent of tokens), and under FSDP2 mixed precision the
+    router is its own FSDP unit with an fp32 parameter policy (``distributed.wrap_model``, which
+    looks for ``keep_fp32``), so the gate is never rounded to bf16. Its cost is negligible
+    (``dim × E`` per token).
     """
+
+    keep_fp32 = True  # read by distributed.wrap_model: shard with an fp32 MixedPrecisionPolicy
 
     def __init__(self, dim: int, n_experts: int, top_k: int, jitter: float = 0.0):
         super().__init__()
@@ -100,12 +110,14 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(n_experts, dim))
 
     def forward(self, x: Tensor) -> Routing:
-        if self.training and self.jitter > 0:
-            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-        logits = F.linear(x.float(), self.weight.float())
-        probs = logits.softmax(dim=-1)
-        top_p, top_i = probs.topk(self.top_k, dim=-1)
-        return Routing(logits, probs, top_p / top_p.sum(dim=-1, keepdim=True), top_i)
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.float()
+            if self.training and self.jitter > 0:
+                x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+            logits = F.linear(x, self.weight.float())
+            probs = logits.softmax(dim=-1)
+            top_p, top_i = probs.topk(self.top_k, dim=-1)
+            return Routing(logits, probs, top_p / top_p.sum(dim=-1, keepdim=True), top_i)
 
 
 # -------------------------------------------------------------------------------------------- experts
@@ -157,6 +169,21 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     autocast-aware), else x's."""
     dev = x.device.type
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
+def dropless_path(device: torch.device, dtype: torch.dtype, dim: int, hidden: int, compiled: bool = False) -> str:
+    """The dropless expert path ``MoEBlock`` takes on ``device`` computing in ``dtype``.
+
+    ``grouped_mm`` (``torch._grouped_mm`` where the one-time probe says it works), ``compiled loop``
+    (the per-expert loop traced by torch.compile) or ``fallback`` (the eager single-node kernel
+    ``_DroplessExperts``). Mirrors the branches of ``MoEBlock._dropless`` and
+    ``SwiGLUExperts.forward_sorted``; the trainer and bench/train_gpu.py print it once at start.
+    """
+    if compiled:  # traced: _use_grouped_mm answers False for anything but bf16 while compiling
+        return "grouped_mm" if dtype == torch.bfloat16 and _use_grouped_mm(device, dtype, dim, hidden) else "compiled loop"
+    if device.type != "cpu" and _use_grouped_mm(device, dtype, dim, hidden):
+        return "grouped_mm"
+    return "fallback"
 
 
 class SwiGLUExperts(nn.Module):
@@ -313,6 +340,15 @@ class MoEBlock(nn.Module):
         self.router = Router(dim, n_experts, top_k, router_jitter)
         self.experts = SwiGLUExperts(dim, expert_hidden, n_experts)
         self.shared_expert = SwiGLU(dim, shared_expert_hidden) if shared_expert_hidden > 0 else None
+
+    def dispatch_path(self, device: torch.device, dtype: torch.dtype, compiled: bool = False) -> str:
+        """What computes the experts here: ``capacity`` (padded bmm) or the dropless path (:func:`dropless_path`)."""
+        if self.dispatch == "capacity":
+            return "capacity" if self.experts.ep is None else "capacity, expert parallel"
+        if self.experts.ep is not None:  # all-to-all, then this rank's experts through forward_sorted
+            grouped = _use_grouped_mm(torch.device(device), dtype, self.dim, self.experts.hidden)
+            return f"{'grouped_mm' if grouped else 'loop'}, expert parallel"
+        return dropless_path(torch.device(device), dtype, self.dim, self.experts.hidden, compiled)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         shape = x.shape

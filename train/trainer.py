@@ -49,10 +49,12 @@ from .distributed import (
     teardown,
     wrap_model,
 )
+from .elastic import BatchPlan, GlobalBatchError, resume_grad_accum
 from .expert_parallel import clip_grad_norm
 from .metrics import MetricsLog, Progress, TensorBoardLog, flops_per_token
 from .model import MoETransformer
 from .model_config import model_config_digest
+from .moe import MoEBlock
 from .optim import WarmupCosine, build_optimizer
 from .validation import val_batches
 
@@ -100,6 +102,15 @@ def check_data(cfg: TrainConfig, storage: Storage, need_val: bool = False) -> di
     return first
 
 
+def moe_dispatch_path(model: torch.nn.Module, device: torch.device, dtype: torch.dtype | None, compiled: bool) -> str:
+    """Which expert path the model's MoE layers run (``moe.dropless_path``), or ``dense`` without any."""
+    block = next((m for m in model.modules() if isinstance(m, MoEBlock)), None)
+    if block is None:
+        return "dense"
+    path = block.dispatch_path(device, dtype or torch.float32, compiled)
+    return path if path == "capacity" else f"dropless {path}"
+
+
 def seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -113,21 +124,34 @@ def _rank_seed(seed: int, rank: int, step: int) -> int:
 
 @contextlib.contextmanager
 def _deterministic(enabled: bool, device: torch.device):
-    """``use_deterministic_algorithms`` for the duration of training, restoring the caller's setting."""
+    """Kernel selection while training, restoring the caller's settings afterwards.
+
+    ``enabled`` (``trainer.deterministic: true``): ``use_deterministic_algorithms``, cuDNN in
+    deterministic mode without autotuning, and a fixed cuBLAS workspace (``CUBLAS_WORKSPACE_CONFIG``,
+    read when cuBLAS first starts in the process, i.e. before the first matmul), so a resumed GPU
+    run repeats the uninterrupted one bit for bit. Off (the default): cuDNN autotuning
+    (``cudnn.benchmark``) and torch's fastest kernels, some of which accumulate with atomics (e.g.
+    ``index_add``/scatter backward), so GPU runs agree only to rounding. On CPU both settings give
+    the same kernels; bitwise resume holds either way there.
+    """
     prev = torch.are_deterministic_algorithms_enabled()
     prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
-    prev_bench = torch.backends.cudnn.benchmark
+    prev_bench, prev_cudnn_det = torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic
     if enabled:
         if device.type == "cuda":
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
         # warn_only: an op without a deterministic kernel warns instead of killing a long run.
         torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        torch.backends.cudnn.benchmark = device.type == "cuda"
+        torch.use_deterministic_algorithms(False)
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
-        torch.backends.cudnn.benchmark = prev_bench
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = prev_bench, prev_cudnn_det
 
 
 class _Batches:
@@ -184,8 +208,9 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, mic
         inputs, targets = batch[:, :-1], batch[:, 1:]
         tokens += targets.numel()
         cast = torch.autocast(device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
-        with set_grad_sync(model, i == ga - 1), cast:
-            out = model(inputs, targets, return_logits=False)
+        with set_grad_sync(model, i == ga - 1):
+            with cast:  # forward only: autocast's casts are recorded in the graph, backward follows them
+                out = model(inputs, targets, return_logits=False)
             (out.total_loss / ga).backward()
         stats += torch.stack([out.loss.detach(), out.aux_loss.detach(), out.z_loss.detach(),
                               out.dropped_tokens.detach()]).to(torch.float64)
@@ -229,6 +254,7 @@ class Trainer:
         seed_all(tc.seed)  # identical initial weights on every rank (FSDP2 does not broadcast them)
         model = MoETransformer(cfg.model, activation_checkpointing=tc.activation_checkpointing).to(self.device)
         self.n_params, self.n_active = cfg.model.num_params(), cfg.model.num_active_params()
+        self.grad_accum = tc.grad_accum  # the configured one until a resume on another world size changes it
         if tc.compile:
             for block in model.blocks:  # per block: small graphs, shared by all layers
                 block.compile()
@@ -236,6 +262,11 @@ class Trainer:
         fsdp = tc.parallelism == "fsdp" and self.env.distributed
         self.model = wrap_model(model, self.env, tc.parallelism, param_dtype=self.compute_dtype if fsdp else None,
                                 expert_parallel=tc.expert_parallel)
+        self.dispatch_path = moe_dispatch_path(model, self.device, self.compute_dtype, tc.compile)
+        if self.env.is_main:
+            print(f"[shardflow.train] MoE experts: {self.dispatch_path} ({self.device.type}, "
+                  f"{str(self.compute_dtype or torch.float32).removeprefix('torch.')}"
+                  f"{', compiled' if tc.compile else ''})", flush=True)
         # FSDP2 casts through its MixedPrecisionPolicy; everything else autocasts.
         self.autocast = self.compute_dtype if not fsdp else None
         self.optimizer = build_optimizer(self.model, cfg.optim, self.device)
@@ -257,8 +288,12 @@ class Trainer:
             "loader": self.loader.state_dict(),
             "scheduler": dict(self.schedule.state_dict(), step=step),
             "tokens": tokens,
+            "batch_plan": self.batch_plan().to_json(),
             "train_config": self.cfg.model_dump(mode="json"),
         }
+
+    def batch_plan(self) -> BatchPlan:
+        return BatchPlan(self.cfg.data.batch_size, self.grad_accum, self.env.world_size)
 
     def _resume(self) -> tuple[int, int]:
         """Restore the latest committed checkpoint if there is one; (step, tokens seen)."""
@@ -278,6 +313,14 @@ class Trainer:
             self.loader.load_state_dict(meta["loader"])
         except (KeyError, ValueError) as exc:
             raise CheckpointError(f"{where}: its data position does not fit these shards/loader settings: {exc}") from None
+        try:
+            self.grad_accum, note = resume_grad_accum(
+                BatchPlan.from_json(meta.get("batch_plan")), self.cfg.data.batch_size, tc.grad_accum,
+                self.env.world_size, tc.keep_global_batch)
+        except GlobalBatchError as exc:
+            raise CheckpointError(f"{where}: {exc}") from None
+        if note and self.env.is_main:
+            print(f"[shardflow.train] {note}", flush=True)
         if rng is not None:
             restore_rng(rng)
         else:  # another world size: per-rank streams cannot be carried over, start fresh ones
@@ -302,7 +345,7 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=self.autocast)
 
     def train_step(self, batches: _Batches) -> dict[str, Any]:
-        micro = [batches.next() for _ in range(self.cfg.trainer.grad_accum)]
+        micro = [batches.next() for _ in range(self.grad_accum)]
         return optimizer_step(self.model, self.optimizer, micro, env=self.env, grad_clip=self.cfg.optim.grad_clip,
                               autocast=self.autocast)
 
@@ -384,6 +427,8 @@ class Trainer:
             "world_size": self.env.world_size,
             "params": self.n_params,
             "active_params": self.n_active,
+            "grad_accum": self.grad_accum,
+            "dispatch_path": self.dispatch_path,
             "checkpoint": self.storage.uri(ckpt_ref) if ckpt_ref else None,
             "metrics": self.storage.uri(self.metrics.ref),
             "wall_time_s": time.perf_counter() - t_start,

@@ -9,7 +9,7 @@ import torch
 
 from shardflow.storage import Storage
 from shardflow.storage.shards import read_index
-from shardflow.train.checkpoint import Checkpointer, load_model_weights, read_meta
+from shardflow.train.checkpoint import Checkpointer, CheckpointError, load_model_weights, read_meta
 from shardflow.train.distributed import DistEnv, init_distributed, select_device, set_grad_sync, teardown, wrap_model
 from shardflow.train.metrics import read_metrics
 from shardflow.train.model import MoETransformer
@@ -111,6 +111,37 @@ def test_fsdp2_two_ranks_trains_like_ddp_and_reshards_to_one_process(data_root: 
     log = read_metrics(data_root, metrics_ref("fsdp"))
     assert [r["step"] for r in log] == list(range(1, 9))
     assert all(math.isfinite(r["loss"]) for r in log)
-    # the global sample position carried over: 6 steps x 2 ranks x 2 micro x 4, then 1 rank x 2 micro x 4
-    assert read_meta(data_root, ck.step_ref(8))["loader"]["position"] == 6 * 16 + 2 * 8
+    # the global sample position carried over, and the global batch with it: 6 steps x 2 ranks x 2 micro
+    # x 4, then 1 rank x 4 micro (grad_accum doubled) x 4
+    meta = read_meta(data_root, ck.step_ref(8))
+    assert meta["loader"]["position"] == 6 * 16 + 2 * 16 and one["grad_accum"] == 4
+    assert meta["batch_plan"] == {"batch_size": 4, "grad_accum": 4, "world_size": 1, "global_batch": 16}
     assert abs(log[6]["loss"] - log[5]["loss"]) < 0.2  # trained weights, not a fresh init (~ln V)
+
+
+def test_resume_on_fewer_ranks_keeps_the_global_batch_and_the_loss_curve(data_root: Storage, tmp_path):
+    """2 ranks x 4 sequences x 2 accumulated for 6 steps, resumed on 1 rank: grad_accum 2 -> 4, same curve.
+
+    The reference is one process accumulating 4 micro-batches from the start: the same 16 samples per
+    step, so the 2-rank run, the resumed run and it differ only in the order gradients are summed.
+    Router jitter is off here: a resume on another world size starts fresh random streams.
+    """
+    steps, model = 12, {"router": {"jitter": 0.0}}
+    ref = train(tiny_cfg("elastic-ref", model=model, trainer={"steps": steps, "grad_accum": 4},
+                         checkpoint={"every_steps": 6}), data_root)
+    assert ref["grad_accum"] == 4
+    cfg = tiny_cfg("elastic", model=model, trainer={"steps": steps, "grad_accum": 2}, checkpoint={"every_steps": 6})
+    two = finish(launch(cfg, data_root, 2, tmp_path, extra=["--max-steps", "6"]))
+    assert two["world_size"] == 2 and two["step"] == 6
+    # a per-rank batch that cannot make 16 on one rank is refused before anything is written
+    bad = cfg.model_copy(update={"data": cfg.data.model_copy(update={"batch_size": 3})})
+    with pytest.raises(CheckpointError, match=r"global batch of 16 .*train\.data\.batch_size=4 \(grad_accum 4\)"):
+        train(bad, data_root)
+    one = train(cfg, data_root)
+    assert (one["start_step"], one["step"], one["world_size"], one["grad_accum"]) == (6, steps, 1, 4)
+    a, b = read_metrics(data_root, metrics_ref("elastic-ref")), read_metrics(data_root, metrics_ref("elastic"))
+    assert [r["tokens"] for r in b] == [r["tokens"] for r in a] == [16 * 32 * s for s in range(1, steps + 1)]
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-5)
+    assert [r["grad_norm"] for r in b] == pytest.approx([r["grad_norm"] for r in a], rel=1e-3)
+    print("elastic resume, max relative loss difference:",
+          max(abs(x["loss"] - y["loss"]) / y["loss"] for x, y in zip(b, a)))

@@ -91,7 +91,8 @@ def tiny_cfg(run: str, **sections) -> TrainConfig:
                   "top_k": 2, "expert_hidden": 64, "dense_hidden": 64, "max_seq_len": 64, "router": {"jitter": 0.05}},
         "data": {"batch_size": 4, "num_workers": 0, "seed": 1},
         "optim": {"lr": 3e-3, "warmup_steps": 4},
-        "trainer": {"steps": 20, "device": "cpu", "progress": False, "log_every": 5, "seed": 3},
+        # deterministic: the bitwise-resume tests rely on it (on CPU the kernels are the same either way)
+        "trainer": {"steps": 20, "device": "cpu", "progress": False, "log_every": 5, "seed": 3, "deterministic": True},
         "checkpoint": {"every_steps": 5, "keep_last": 2},
     }
     for key, val in sections.items():
@@ -356,20 +357,6 @@ def test_launch_json_is_private_holds_no_secret_and_the_environment_carries_them
     assert CREDENTIALS_ENV not in os.environ  # taken out: processes the rank starts do not inherit it
     no_secrets = StorageConfig(root=str(tmp_path))
     assert credentials_env(no_secrets) == {}
-
-
-def test_gpu_benchmark_runs_its_tiny_cpu_variant():
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[2] / "bench" / "train_gpu.py"
-    spec = importlib.util.spec_from_file_location("shardflow_bench_train_gpu", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    res = bench.main(["--tiny", "--steps", "2", "--grad-accum", "2"])
-    assert res["tokens_per_s"] > 0 and res["mfu"] is None and res["dtype"] == "fp32"
-    assert res["train_flops_per_token"] == bench.ModelConfig(**bench.TINY).flops_per_token(64)
-    one_b = bench.ModelConfig(**bench.ONE_B)
-    assert 0.95e9 < one_b.num_params() < 1.1e9 and one_b.n_experts == 8 and one_b.top_k == 2
 
 
 def test_cli_main_trains_from_a_pipeline_yaml_and_exits_2_on_bad_data(data_root: Storage, tmp_path, capsys):
