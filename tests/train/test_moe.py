@@ -126,7 +126,7 @@ def test_capacity_drops_by_hand_count():
     assert dropped.item() == 4
     y_full = dropless(x)[0]
     torch.testing.assert_close(y[3], torch.zeros(8))  # both of t3's slots dropped
-    torch.testing.assert_close(y[[0, 1, 4]], y_full[[0, 1, 4]], atol=1e-6, rtol=1e-6)  # nothing dropped
+    torch.testing.assert_close(y[[0, 1, 4]], y_full[[0, 1, 4]], atol=1e-5, rtol=1e-5)  # nothing dropped (bmm vs mm rounding)
     # t2 kept only its expert-1 slot: its output is that expert's weighted share.
     probs = (x[2] @ gate.T).softmax(-1)
     w = probs[[0, 1]] / probs[[0, 1]].sum()
