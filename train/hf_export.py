@@ -135,7 +135,9 @@ def _candidate(
         for ours, theirs in (("wq", "q_proj"), ("wk", "k_proj"), ("wv", "v_proj"), ("wo", "o_proj")):
             out[f"{h}.self_attn.{theirs}.weight"] = state[f"{b}.attn.{ours}.weight"]
         e = f"{b}.ffn.experts"
-        out.update(experts(i, state[f"{e}.w1"], state[f"{e}.w3"], state[f"{e}.w2"], state[f"{b}.ffn.router.weight"]))
+        # Mixtral sums the renormalized top-k outputs unscaled: fold router.routed_scale into w2.
+        w2 = state[f"{e}.w2"] if cfg.routed_scale == 1.0 else state[f"{e}.w2"] * cfg.routed_scale
+        out.update(experts(i, state[f"{e}.w1"], state[f"{e}.w3"], w2, state[f"{b}.ffn.router.weight"]))
     return out
 
 

@@ -120,7 +120,7 @@ class Block(nn.Module):
         r = cfg.router
         self.ffn: nn.Module = (
             MoEBlock(cfg.dim, cfg.n_experts, cfg.top_k, cfg.expert_hidden, cfg.shared_expert_hidden,
-                     r.dispatch, r.capacity_factor, r.jitter)
+                     r.dispatch, r.capacity_factor, r.jitter, cfg.routed_scale)
             if moe else SwiGLU(cfg.dim, cfg.dense_hidden)
         )
 
@@ -193,7 +193,8 @@ class MoETransformer(nn.Module):
                 nn.init.normal_(w3, std=std)
                 nn.init.normal_(w2, std=out_std)
             elif isinstance(m, Router):
-                nn.init.normal_(m.weight, std=std)
+                r_std = self.cfg.router.init_std
+                nn.init.normal_(m.weight, std=std if r_std is None else r_std) if r_std != 0 else nn.init.zeros_(m.weight)
         nn.init.normal_(self.embed.weight, std=std)
         if self.cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight  # to_empty() unties: it replaces each parameter

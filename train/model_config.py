@@ -18,6 +18,12 @@ class RouterConfig(BaseModel):
     dispatch: Literal["dropless", "capacity"] = "dropless"
     capacity_factor: float = Field(1.25, gt=0, description="Capacity dispatch: slots per expert / fair share.")
     jitter: float = Field(0.0, ge=0, lt=1, description="Multiplicative input noise at train time; 0 = off.")
+    routed_scale: float | None = Field(
+        None, gt=0, description="Multiplier of the routed experts' renormalized weighted sum (DeepSeek's routed_scaling_factor). "
+        "None = top_k: the k active experts then add up like one dense FFN of top_k x expert_hidden instead of being "
+        "averaged (1.0 = Mixtral's average, which gives the experts 1/top_k of a dense FFN's effective learning rate).")
+    init_std: float | None = Field(None, ge=0, description="Std of the router's initial weights; None = model.init_std, "
+                                   "0 = zeros (uniform routing at the start).")
 
 
 class ModelConfig(BaseModel):
@@ -61,6 +67,11 @@ class ModelConfig(BaseModel):
             if bad or len(set(self.moe_layers)) != len(self.moe_layers):
                 raise ValueError(f"moe_layers must be distinct ints in [0, {self.n_layers}), got {self.moe_layers}")
         return self
+
+    @property
+    def routed_scale(self) -> float:
+        """The effective ``router.routed_scale`` (``top_k`` when unset)."""
+        return float(self.top_k if self.router.routed_scale is None else self.router.routed_scale)
 
     @property
     def moe_layer_ids(self) -> list[int]:

@@ -102,11 +102,11 @@ class Router(nn.Module):
 
     keep_fp32 = True  # read by distributed.wrap_model: shard with an fp32 MixedPrecisionPolicy
 
-    def __init__(self, dim: int, n_experts: int, top_k: int, jitter: float = 0.0):
+    def __init__(self, dim: int, n_experts: int, top_k: int, jitter: float = 0.0, scale: float = 1.0):
         super().__init__()
         if not 1 <= top_k <= n_experts:
             raise ValueError(f"top_k must be in [1, n_experts={n_experts}], got {top_k}")
-        self.n_experts, self.top_k, self.jitter = n_experts, top_k, jitter
+        self.n_experts, self.top_k, self.jitter, self.scale = n_experts, top_k, jitter, scale
         self.weight = nn.Parameter(torch.empty(n_experts, dim))
 
     def forward(self, x: Tensor) -> Routing:
@@ -117,7 +117,8 @@ class Router(nn.Module):
             logits = F.linear(x, self.weight.float())
             probs = logits.softmax(dim=-1)
             top_p, top_i = probs.topk(self.top_k, dim=-1)
-            return Routing(logits, probs, top_p / top_p.sum(dim=-1, keepdim=True), top_i)
+            weights = top_p / top_p.sum(dim=-1, keepdim=True)
+            return Routing(logits, probs, weights * self.scale if self.scale != 1.0 else weights, top_i)
 
 
 # -------------------------------------------------------------------------------------------- experts
@@ -331,13 +332,14 @@ class MoEBlock(nn.Module):
         dispatch: Dispatch = "dropless",
         capacity_factor: float = 1.25,
         router_jitter: float = 0.0,
+        routed_scale: float = 1.0,
     ):
         super().__init__()
         if dispatch not in ("dropless", "capacity"):
             raise ValueError(f"dispatch must be 'dropless' or 'capacity', got {dispatch!r}")
         self.dim, self.n_experts, self.top_k = dim, n_experts, top_k
         self.dispatch, self.capacity_factor = dispatch, capacity_factor
-        self.router = Router(dim, n_experts, top_k, router_jitter)
+        self.router = Router(dim, n_experts, top_k, router_jitter, routed_scale)
         self.experts = SwiGLUExperts(dim, expert_hidden, n_experts)
         self.shared_expert = SwiGLU(dim, shared_expert_hidden) if shared_expert_hidden > 0 else None
 

@@ -14,8 +14,13 @@ device), because each step is a pure function of what the checkpoint holds:
 * randomness (router jitter, anything stochastic): every rank's Python/NumPy/torch generator
   states are restored; evaluation runs between save points under a saved-and-restored RNG so it
   cannot shift the training stream;
-* arithmetic: deterministic algorithms where torch has them, no autotuning, the same
-  micro-batch split and reduction order each time.
+* arithmetic: the same micro-batch split and reduction order each time; on GPU also
+  ``trainer.deterministic: true`` (deterministic kernels, no autotuning — off by default for
+  speed, when a resumed GPU run matches the uninterrupted one only to rounding). CPU kernels are
+  deterministic either way.
+
+A resume on another world size keeps the global batch by changing the gradient accumulation
+(``train.elastic``), so the samples of each step, and the loss curve, stay those of the original run.
 
 What a crash can lose is the work since the last checkpoint; the metrics log is cut back to the
 committed step on restart so those steps are not logged twice (``train.metrics``).

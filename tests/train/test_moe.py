@@ -244,3 +244,16 @@ def test_dropless_under_bf16_autocast():
     assert got[0].dtype == torch.bfloat16 and all(g.dtype == torch.float32 for g in got[1:])
     for g, w in zip(got, want):
         torch.testing.assert_close(g.float(), w, atol=0.1, rtol=0.05)
+
+
+def test_routed_scale_multiplies_the_routed_sum():
+    """``router.routed_scale`` (DeepSeek's routed_scaling_factor): weights sum to it; the output scales with it."""
+    x = torch.randn(23, DIM)
+    base, scaled = make_block(seed=4), MoEBlock(DIM, E, 2, HIDDEN, routed_scale=2.0)
+    scaled.load_state_dict(base.state_dict())
+    r = scaled.router(x)
+    torch.testing.assert_close(r.weights.sum(-1), torch.full((23,), 2.0))
+    y1, aux1, z1, c1, _ = base(x)
+    y2, aux2, z2, c2, _ = scaled(x)
+    torch.testing.assert_close(y2, 2 * y1, atol=1e-5, rtol=1e-5)
+    assert torch.equal(c1, c2) and torch.equal(aux1, aux2) and torch.equal(z1, z2)  # routing itself unchanged

@@ -1,0 +1,255 @@
+"""Does the MoE beat a dense model with the same active parameters, on the same tokens?
+
+Trains, with the real trainer (``shardflow.train.trainer.train``: streaming loader, AdamW, warmup +
+cosine, clipping), the demo's MoE (4 layers, dim 128, 8 SwiGLU experts of 256, top-2) and a dense
+model whose FFN has the MoE's *active* width (hidden 512 = top_k × expert_hidden; attention,
+embeddings and head identical), for several seeds. A seed fixes the initial weights and the sample
+order, and both models of a seed see exactly the same batches. Reports the validation loss (all of
+the validation split, token-weighted) of every run, mean and spread per model, and whether the MoE's
+mean is below the dense mean by more than the spread across seeds (max − min of either model).
+
+Data: the shipped demo corpus (``dataprep/data/demo_corpus.jsonl.zst``, real documentation text;
+the bench corpus of bench/make_corpus.py needs Debian documentation packages this machine lacks),
+malformed lines skipped, exact duplicates and documents under 30 words dropped, 5 % of documents
+held out for validation by a hash of their text, a sentencepiece BPE of 4,096 pieces trained with
+the project's tokenizer settings on the training documents, sequences of 128 tokens packed into
+WebDataset shards with ``storage.shards`` — the same layout the pipeline writes. Built once into
+``--work`` and reused.
+
+    python bench/moe_vs_dense.py                        # 3 seeds x {moe, dense}, the project defaults
+    python bench/moe_vs_dense.py --seeds 0 1 2 3 4 --steps 300
+    python bench/moe_vs_dense.py --set moe:model.router.aux_loss_coef=0.0   # a what-if for one model
+
+Prints one line per run and a JSON summary at the end.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != os.path.dirname(os.path.abspath(__file__))]
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import hashlib  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from shardflow.dataprep.config import TokenizerConfig  # noqa: E402
+from shardflow.dataprep.demo_corpus import demo_corpus_path  # noqa: E402
+from shardflow.dataprep.tokenizer import train_model  # noqa: E402
+from shardflow.storage import Storage, digest_bytes  # noqa: E402
+from shardflow.storage.shards import ShardWriter, make_index, token_dtype, write_index  # noqa: E402
+from shardflow.train.config import TrainConfig  # noqa: E402
+from shardflow.train.metrics import read_metrics  # noqa: E402
+from shardflow.train.trainer import train  # noqa: E402
+
+VOCAB, SEQ = 4096, 128
+
+# The demo's model (configs/demo.yaml). Dense: no MoE layers, FFN hidden = top_k x expert_hidden.
+MOE = {"vocab_size": VOCAB, "dim": 128, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "n_experts": 8, "top_k": 2,
+       "expert_hidden": 256, "max_seq_len": SEQ}
+DENSE = {**MOE, "moe_layers": [], "dense_hidden": MOE["top_k"] * MOE["expert_hidden"]}
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def corpus_docs() -> list[str]:
+    """Texts of the demo corpus: well-formed records only, exact duplicates and very short ones dropped."""
+    import zstandard
+
+    seen, docs = set(), []
+    with open(demo_corpus_path(), "rb") as f:
+        raw = zstandard.ZstdDecompressor().stream_reader(f).read()
+    for line in raw.split(b"\n"):
+        try:
+            rec = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            continue
+        text = rec.get("text") if isinstance(rec, dict) else None
+        if not isinstance(text, str) or len(text.split()) < 30:
+            continue
+        key = hashlib.sha1(text.encode()).digest()
+        if key not in seen:
+            seen.add(key)
+            docs.append(text)
+    return docs
+
+
+def build_data(work: Path) -> Storage:
+    """Tokenizer + train/val shards of the demo corpus under ``work/data`` (built once, then reused)."""
+    storage = Storage(str(work / "data"))
+    if storage.exists("shards/index.json"):
+        return storage
+    t0 = time.perf_counter()
+    docs = corpus_docs()
+    is_val = [hashlib.sha1(d.encode()).digest()[0] < 13 for d in docs]  # 13/256 ~ 5 % of documents
+    train_docs = [d for d, v in zip(docs, is_val) if not v]
+    lines = [ln for d in train_docs for ln in d.splitlines() if ln.strip()]
+    model = train_model(lines, TokenizerConfig(vocab_size=VOCAB, num_threads=1))
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_proto=model)
+    dtype = token_dtype(VOCAB)
+    splits = {}
+    for split, want_val in (("train", False), ("val", True)):
+        toks: list[int] = []
+        for d, v in zip(docs, is_val):
+            if v == want_val:
+                toks += sp.encode(d) + [sp.eos_id()]
+        n = len(toks) // (SEQ + 1)
+        with ShardWriter(storage, split, SEQ, dtype, rows_per_member=64, samples_per_shard=2048) as w:
+            w.write(np.asarray(toks[: n * (SEQ + 1)], dtype=dtype).reshape(n, SEQ + 1))
+        splits[split] = w.shards
+    storage.write_bytes("tokenizer/spm.model", model)
+    write_index(storage, make_index(SEQ, dtype, VOCAB, digest_bytes(model), sp.eos_id(), splits))
+    n = {s: sum(e["samples"] for e in v) for s, v in splits.items()}
+    print(f"data: {len(docs)} documents, {n['train']} train / {n['val']} val sequences of {SEQ} tokens "
+          f"({n['train'] * SEQ / 1e6:.2f} M train tokens), built in {time.perf_counter() - t0:.0f} s", flush=True)
+    return storage
+
+
+# ------------------------------------------------------------------------------------------------ runs
+
+
+def set_path(d: dict, dotted: str, value) -> None:
+    *head, last = dotted.split(".")
+    for k in head:
+        d = d.setdefault(k, {})
+    d[last] = value
+
+
+def run_config(kind: str, seed: int, args: argparse.Namespace, val_batches: int) -> TrainConfig:
+    raw = {
+        "run": f"{kind}-s{seed}-{args.tag}" if args.tag else f"{kind}-s{seed}",
+        "model": json.loads(json.dumps(MOE if kind == "moe" else DENSE)),
+        "data": {"batch_size": args.batch, "num_workers": 0, "seed": seed},
+        "optim": {"lr": args.lr, "warmup_steps": args.warmup},
+        "trainer": {"steps": args.steps, "seed": seed, "device": "cpu", "progress": False, "log_every": 50,
+                    "eval_every": args.eval_every or args.steps, "eval_batches": val_batches},
+        "checkpoint": {"every_steps": 0, "keep_last": 1},
+    }
+    for item in args.set:
+        target, _, assignment = item.rpartition(":")
+        if target in ("", kind):
+            key, _, value = assignment.partition("=")
+            set_path(raw, key.removeprefix("train."), yaml.safe_load(value))
+    return TrainConfig.model_validate(raw)
+
+
+def one_run(storage: Storage, cfg: TrainConfig) -> dict:
+    if storage.exists(f"runs/{cfg.run}"):
+        storage.remove(f"runs/{cfg.run}", recursive=True)
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):  # the trainer's start line; progress is off
+        summary = train(cfg, storage)
+    log = read_metrics(storage, f"runs/{cfg.run}/metrics.jsonl")
+    storage.remove(f"runs/{cfg.run}/checkpoints", recursive=True)
+    warm = cfg.optim.warmup_steps
+    return {
+        "run": cfg.run, "val_loss": summary["val_loss"], "train_loss_last10": statistics.fmean(r["loss"] for r in log[-10:]),
+        "val_curve": [(r["step"], round(r["val_loss"], 4)) for r in log if "val_loss" in r],
+        "max_grad_norm": max(r["grad_norm"] for r in log),
+        "max_grad_norm_step": max(log, key=lambda r: r["grad_norm"])["step"],
+        "max_grad_norm_after_warmup": max((r["grad_norm"] for r in log if r["step"] > warm), default=None),
+        "active_params": summary["active_params"], "params": summary["params"], "tokens": summary["tokens"],
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "expert_load_cv_last": _load_cv(log[-1].get("expert_tokens")),
+    }
+
+
+def _task(root: str, cfg: dict, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    return one_run(Storage(root), TrainConfig.model_validate(cfg))
+
+
+def _load_cv(counts) -> float | None:
+    """Coefficient of variation of tokens per expert in the last step, mean over layers (0 = balanced)."""
+    if not counts:
+        return None
+    cvs = [float(np.std(c) / np.mean(c)) for c in counts if np.mean(c) > 0]
+    return round(statistics.fmean(cvs), 3) if cvs else None
+
+
+def summarize(results: dict[str, list[dict]]) -> dict:
+    out = {}
+    for kind, runs in results.items():
+        v = [r["val_loss"] for r in runs]
+        out[kind] = {"val_loss": v, "mean": statistics.fmean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0,
+                     "spread": max(v) - min(v), "max_grad_norm": max(r["max_grad_norm"] for r in runs),
+                     "active_params": runs[0]["active_params"], "params": runs[0]["params"]}
+    if {"moe", "dense"} <= out.keys():
+        gap = out["dense"]["mean"] - out["moe"]["mean"]
+        spread = max(out["moe"]["spread"], out["dense"]["spread"])
+        paired = [d["val_loss"] - m["val_loss"] for m, d in zip(results["moe"], results["dense"])]
+        out["verdict"] = {"dense_minus_moe": gap, "seed_spread": spread, "paired_dense_minus_moe": paired,
+                          "moe_wins_beyond_spread": gap > spread}
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", default=str(Path(__file__).resolve().parent / "_data" / "moe_vs_dense"))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--models", nargs="+", default=["moe", "dense"], choices=["moe", "dense"])
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads per run")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process")
+    ap.add_argument("--set", action="append", default=[], metavar="[moe|dense:]train.KEY=VALUE",
+                    help="override a train config key, for one model or both")
+    ap.add_argument("--tag", default="", help="suffix of the run names")
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    storage = build_data(Path(args.work))
+    index = storage.read_json("shards/index.json")
+    val_batches = max(1, index["splits"]["val"]["samples"] // args.batch)
+    results: dict[str, list[dict]] = {k: [] for k in args.models}
+    t0 = time.perf_counter()
+    tasks = [(kind, seed) for seed in args.seeds for kind in args.models]
+    configs = [run_config(kind, seed, args, val_batches).model_dump(mode="json") for kind, seed in tasks]
+    if args.jobs > 1:  # runs in separate processes (spawned: no inherited threads), results in task order
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(_task, str(storage.config.root), c, args.threads) for c in configs]
+            done = [f.result() for f in futures]
+    else:
+        done = (_task(str(storage.config.root), c, args.threads) for c in configs)
+    for (kind, seed), r in zip(tasks, done):
+        results[kind].append(r)
+        print(f"{kind:5s} seed {seed}: val {r['val_loss']:.4f} (curve {r['val_curve']}), "
+              f"max grad norm {r['max_grad_norm']:.2f} at step {r['max_grad_norm_step']}, "
+              f"load CV {r['expert_load_cv_last']}, {r['wall_s']:.0f} s", flush=True)
+    summary = summarize(results)
+    summary["settings"] = {"steps": args.steps, "batch": args.batch, "seq_len": SEQ, "lr": args.lr,
+                           "warmup": args.warmup, "seeds": args.seeds, "set": args.set, "jobs": args.jobs,
+                           "tokens_per_run": args.steps * args.batch * SEQ, "val_sequences": index["splits"]["val"]["samples"],
+                           "wall_s": round(time.perf_counter() - t0, 1)}
+    for kind in args.models:
+        s = summary[kind]
+        print(f"{kind:5s}: val loss mean {s['mean']:.4f}, std {s['std']:.4f}, spread (max-min) {s['spread']:.4f} over "
+              f"{len(args.seeds)} seeds; {s['active_params'] / 1e6:.3f} M active of {s['params'] / 1e6:.3f} M params")
+    if "verdict" in summary:
+        v = summary["verdict"]
+        print(f"dense - moe = {v['dense_minus_moe']:+.4f} nats/token vs seed spread {v['seed_spread']:.4f}: "
+              f"{'MoE wins beyond the spread' if v['moe_wins_beyond_spread'] else 'not beyond the spread'}")
+    print(json.dumps({"results": results, "summary": summary}))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
