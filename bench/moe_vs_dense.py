@@ -16,8 +16,9 @@ the project's tokenizer settings on the training documents, sequences of 128 tok
 WebDataset shards with ``storage.shards`` — the same layout the pipeline writes. Built once into
 ``--work`` and reused.
 
-    python bench/moe_vs_dense.py                        # 3 seeds x {moe, dense}, the project defaults
-    python bench/moe_vs_dense.py --seeds 0 1 2 3 4 --steps 300
+    python bench/moe_vs_dense.py                        # 3 seeds x {moe, dense}, 200 steps (warmup 20)
+    python bench/moe_vs_dense.py --jobs 6               # the six runs in parallel processes
+    python bench/moe_vs_dense.py --seeds 0 1 2 3 4 --steps 300 --warmup 30   # the demo's length
     python bench/moe_vs_dense.py --set moe:model.router.aux_loss_coef=0.0   # a what-if for one model
 
 Prints one line per run and a JSON summary at the end.

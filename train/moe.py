@@ -1,7 +1,8 @@
 """Sparse mixture-of-experts feed-forward: router, stacked SwiGLU experts, two dispatch modes.
 
 Semantics follow Mixtral (softmax over all experts in fp32, top-k, top-k weights renormalized to sum
-to one) so a trained model exports to ``MixtralForCausalLM`` unchanged. Expert weights are stacked
+to one), times ``routed_scale`` (``router.routed_scale``, default top_k: see docs/training.md), which
+export folds into each expert's ``w2``, so a trained model exports to ``MixtralForCausalLM``. Expert weights are stacked
 3-D parameters rather than ``ModuleList``s: one tensor per projection shards, checkpoints and feeds
 grouped/batched matmuls without per-expert bookkeeping.
 
@@ -57,7 +58,7 @@ class Routing(NamedTuple):
 
     logits: Tensor  # [T, E] fp32
     probs: Tensor  # [T, E] fp32, softmax over all experts
-    weights: Tensor  # [T, k] fp32, top-k probs renormalized to sum 1
+    weights: Tensor  # [T, k] fp32, top-k probs renormalized to sum 1, times the router's scale
     experts: Tensor  # [T, k] int64 expert ids, highest prob first
 
 
@@ -90,7 +91,7 @@ def expert_counts(experts: Tensor, n_experts: int) -> Tensor:
 
 
 class Router(nn.Module):
-    """Linear gate in fp32 → softmax → top-k → renormalize (Mixtral semantics).
+    """Linear gate in fp32 → softmax → top-k → renormalize (Mixtral semantics) → × ``scale`` (routed_scale).
 
     Small logit differences decide routing, so the whole decision is fp32 on every path: autocast
     is switched off around it (autocast would otherwise run ``F.linear`` in bf16 even on fp32
