@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import write_corpus
+from .conftest import sid, write_corpus
 from .test_deploy import _fastapi_rejects_prefect_nulls, api_url, ensure_pools, prefect_deploy
 
 
@@ -113,7 +113,7 @@ def test_deployment_runs_on_a_worker_in_another_folder_after_the_deploy_folder_i
         out = _stop(worker)
     assert state[0] == "COMPLETED", f"{state}\n{out[-4000:]}"
     records = sorted(p.name for p in (tmp_path / "root" / "stages" / "clean" / "_manifest").glob("*.json"))
-    assert records == ["000000.json", "000001.json"]
+    assert records == [f"{sid(tmp_path / 'corpus', i)}.json" for i in (0, 1)]  # ids from the input files
 
 
 @pytest.mark.slow  # ~25 s on 2 busy cores; the worker variant above is the fast-suite check
