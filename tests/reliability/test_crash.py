@@ -243,7 +243,15 @@ def test_verify_reports_corrupted_shard_and_output_and_rerun_redoes_only_them(re
     work = tmp_path / "root"
     copy_root(reference.after(ALL_STAGES[-1]), work)
     args = _cli_args(work, reference.base / "in")
-    assert main(["verify", *args]) == 0
+    # The stages ran in-process (no pipeline.yaml in the root): verify is pointed at its config file.
+    import yaml
+
+    from shardflow.flows.config import load_config
+
+    config_file = tmp_path / "pipeline-config.yaml"
+    config_file.write_text(yaml.safe_dump(load_config(None, args[1::2]).resolved()))
+    verify = ["verify", "--config", str(config_file)]
+    assert main(verify) == 0
     shard = sorted(p.name for p in (work / "stages/filter").glob("*.jsonl.zst"))[1].split(".")[0]  # the second input's
     for rel in ("shards/train-000003.tar", f"stages/filter/{shard}.jsonl.zst"):
         path = work / rel
@@ -251,7 +259,7 @@ def test_verify_reports_corrupted_shard_and_output_and_rerun_redoes_only_them(re
         data[len(data) // 3] ^= 0x01  # one bit, same size: only a re-hash can tell
         path.write_bytes(bytes(data))
     capsys.readouterr()
-    assert main(["verify", *args]) == 1
+    assert main(verify) == 1
     text = capsys.readouterr().out
     assert "train-000003.tar" in text and f"stage filter shard {shard}" in text, text
     assert text.count("PROBLEM") >= 2, text
@@ -264,7 +272,7 @@ def test_verify_reports_corrupted_shard_and_output_and_rerun_redoes_only_them(re
     assert len(ran["pack"]) == 1, ran
     assert not diff_snapshots(reference.final, snapshot(work))
     capsys.readouterr()
-    assert main(["verify", *args]) == 0
+    assert main(verify) == 0
     with capsys.disabled():
         report("verify", corrupted=2, reported=report_count, redone={k: v for k, v in ran.items() if v}, identical=True)
 
