@@ -1,7 +1,7 @@
 """Reprocessing at corpus scale (issue 14): what a no-op re-run and a 1 % append cost against a full run.
 
 For each backend (a local root, and a root on an S3 endpoint: moto over HTTP on 127.0.0.1, started
-here), with the inputs on that same backend:
+here in a process of its own), with the inputs on that same backend:
 
 1. full run: every data-prep stage over the first ``--files`` files, in this process, one shard
    after another (``run_stage``), timed;
@@ -267,15 +267,33 @@ def bench_backend(name: str, base_files: list[Path], new_files: list[Path], work
     }
 
 
-def start_moto() -> tuple[object, str]:
-    from moto.server import ThreadedMotoServer
+class _MotoProcess:
+    """moto's S3 server in a process of its own, so its request handling does not compete for
+    this process's GIL with the stage work being measured."""
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    return server, f"http://127.0.0.1:{port}"
+    def __init__(self):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError("moto server did not start")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+def start_moto() -> tuple[object, str]:
+    server = _MotoProcess()
+    return server, f"http://127.0.0.1:{server.port}"
 
 
 def main(argv=None) -> int:
