@@ -130,7 +130,9 @@ def test_all_requests_failing_is_a_clear_error_and_nothing_half_published(s3_end
     few_retries = {"config_kwargs": {"retries": {"max_attempts": 2, "mode": "standard"},
                                                    "connect_timeout": 2, "read_timeout": 5}}
     with FaultProxy(s3_endpoint, rate=0.0, seed=2) as proxy:
-        cfg = s3_config(proxy.url, s3_bucket, "dead", inputs, few_retries, "flows.retries=1")
+        # A long lease: the dead run's lock must still be live when the re-run looks, however long the
+        # retries against the dead store take on a loaded machine (a 60 s lease could expire first).
+        cfg = s3_config(proxy.url, s3_bucket, "dead", inputs, few_retries, "flows.retries=1", "flows.lock_ttl_s=900")
         # Let the run get going (lock, config, the clean stage), then cut the store off for good.
         import threading
 
@@ -154,7 +156,7 @@ def test_all_requests_failing_is_a_clear_error_and_nothing_half_published(s3_end
         if rel in ref:
             assert data == ref[rel], f"{rel} published with other bytes than a good run's"
     # The dead run could not release its lock (the store was gone): a new run is told who holds it
-    # and what to do; once it is removed (or expired, 60 s after the last heartbeat) a fault-free
+    # and what to do; once it is removed (or expired, a lease after the last heartbeat) a fault-free
     # re-run finishes the job with the same bytes.
     cfg = s3_config(s3_endpoint, s3_bucket, "dead", inputs)
     if "_lock.json" in got:

@@ -69,6 +69,7 @@ def test_tensorboard_event_files_read_back_and_resume_purges_redone_steps(data_r
     cfg = tiny_cfg("tb", trainer={"steps": 12, "log_every": 4, "progress": True}, checkpoint={"every_steps": 4})
     train(cfg, data_root, max_steps=6)
     data_root.write_text("runs/tb/checkpoints/latest", "step-4")  # as if step 6 never committed: 5-6 are redone
+    caplog.clear()  # only the resumed run's lines (an earlier test may have left the logger at INFO)
     with caplog.at_level(logging.INFO, logger=LOGGER_NAME):
         train(cfg, data_root)
     lines = [r.getMessage() for r in caplog.records if r.name == LOGGER_NAME]
