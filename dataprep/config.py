@@ -186,6 +186,12 @@ class TokenizeConfig(_Section):
     num_threads: int = 2
     add_bos: bool = DEFAULT_ADD_BOS
     write_doc_boundaries: bool = False
+    pack_incremental: Literal["append", "repack"] = Field(
+        "append", description="When only new token streams arrived since the last pack: 'append' packs just them into new "
+                              "tars listed after the earlier ones in index.json (earlier tars untouched, work in proportion to "
+                              "what arrived); 'repack' rewrites every tar in shard order, as a from-scratch run would. A changed "
+                              "or removed stream, or a tokenizer or pack config change, always repacks; so does --force on an "
+                              "up-to-date pack (a compaction).")
     encode_batch_chars: int = Field(4_000_000, description="Characters of text handed to sentencepiece per multithreaded encode call.")
 
 

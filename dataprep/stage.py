@@ -30,6 +30,7 @@ from typing import Any, Callable, Protocol
 
 from shardflow.storage import Storage, digest_json
 from shardflow.storage.manifest import (
+    OutputRef,
     ShardRecord,
     ShardState,
     StatCache,
@@ -82,10 +83,16 @@ class ShardSpec:
 
 @dataclass
 class ShardOutput:
-    """What :meth:`Stage.process` returns: published output refs (name -> ref) and counters."""
+    """What :meth:`Stage.process` returns: published output refs (name -> ref) and counters.
+
+    ``kept``: outputs of the shard's previous record that this run left untouched (an append-only
+    pack's earlier tars), carried into the new record as they were instead of being hashed again.
+    The stage must have checked them against their fingerprints first.
+    """
 
     outputs: dict[str, str]
     counts: dict[str, int]
+    kept: dict[str, OutputRef] = field(default_factory=dict)
 
 
 class Stage(Protocol):
@@ -126,7 +133,8 @@ def run_shard(stage: Stage, storage: Storage, spec: ShardSpec) -> ShardRecord:
     record = ShardRecord(
         stage=stage.name, shard_id=spec.shard_id, status="done", inputs=dict(spec.inputs),
         fingerprints=dict(spec.fingerprints), input_digest=spec.actual_digest, config_digest=config_digest,
-        outputs={name: output_ref(storage, ref) for name, ref in sorted(result.outputs.items())},
+        outputs=dict(sorted({**result.kept,
+                             **{name: output_ref(storage, ref) for name, ref in result.outputs.items()}}.items())),
         counts={k: int(v) for k, v in sorted(result.counts.items())},
         wall_time_s=round(time.perf_counter() - t0, 4),
     )
@@ -304,6 +312,7 @@ def run_stage(stage: Stage, storage: Storage, only: Iterable[str] | None = None,
             done.append(p.spec.shard_id)
         except ShardFailed as exc:
             failed[p.spec.shard_id] = str(exc)
+    list_records(storage, stage.name, update_index=True)
     return {"stage": stage.name, "ran": done, "skipped": skipped, "failed": failed, "retired": retired}
 
 

@@ -19,6 +19,7 @@ own thread pool, so reading and parsing the next batch overlaps with encoding th
 from __future__ import annotations
 
 import io
+import logging
 from collections import deque
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -32,7 +33,7 @@ from shardflow.storage import Storage, digest_json
 from shardflow.storage.doc_split import SPLIT_DOMAIN as _SPLIT_DOMAIN
 from shardflow.storage.doc_split import val_threshold
 from shardflow.storage.layout import stage_dir
-from shardflow.storage.manifest import ShardState, classify, list_records, record_ref
+from shardflow.storage.manifest import ShardState, classify, list_records, read_record, record_ref
 from shardflow.storage.shards import (
     INDEX_REF,
     SHARDS_DIR,
@@ -46,10 +47,12 @@ from shardflow.storage.shards import (
 from shardflow.storage.tokenizer_files import MODEL_REF, load_tokenizer
 
 from .config import PrepConfig, TokenizeConfig
+from .pack_append import AppendPlan, merge_counts, plan_append
 from .stage import ShardOutput, ShardSpec, upstream_shards
 from .tokenizer import GLOBAL_SHARD, iter_id_text, tokenizer_model_digest
 
 FORMAT_VERSION = 1
+log = logging.getLogger(__name__)
 STAGE_DIR = stage_dir("tokenize")
 _MAX_IN_FLIGHT = 2
 """Encode batches queued at once: enough to keep sentencepiece busy, bounded memory."""
@@ -210,8 +213,10 @@ def pack_split(
     cfg: TokenizeConfig,
     dtype: np.dtype,
     eos_id: int,
+    start_index: int = 0,
 ) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """Concatenate the streams in order, cut rows of seq_len + 1, write the split's shards.
+    """Concatenate the streams in order, cut rows of seq_len + 1, write the split's shards
+    (numbered from ``start_index``: an append continues after the earlier tars).
 
     The tail that does not fill a last row is dropped (and counted): a padded row would teach the
     model padding, and the loss of < seq_len tokens per split is negligible.
@@ -219,7 +224,7 @@ def pack_split(
     row_len = cfg.seq_len + 1
     carry = np.empty(0, dtype)
     docs = stream_tokens = 0
-    with ShardWriter(storage, split, cfg.seq_len, dtype, cfg.rows_per_member, cfg.samples_per_shard,
+    with ShardWriter(storage, split, cfg.seq_len, dtype, cfg.rows_per_member, cfg.samples_per_shard, start_index,
                      doc_boundaries_eos=eos_id if cfg.write_doc_boundaries else None) as writer:
         for ref in refs:
             stream = read_stream(storage, ref, dtype)
@@ -282,11 +287,17 @@ class PackStage:
         _sp, meta, model_digest = load_tokenizer(storage)
         if spec.inputs.get(MODEL_REF) != model_digest:
             raise RuntimeError("the tokenizer model changed since the pack stage was planned; plan it again")
+        dtype = token_dtype(meta["vocab_size"])
+        if self.cfg.pack_incremental == "append":
+            previous = read_record(storage, self.name, spec.shard_id)
+            appending, why_not = plan_append(storage, previous, spec.inputs, self.config_digest(), model_digest, MODEL_REF)
+            if appending is not None:
+                return self._append(storage, appending, meta, dtype, model_digest)
+            log.info("pack: repacking every stream (%s)", why_not)
         # Shards are rewritten in place: retire the old record and index first, so a crash midway
         # leaves "pack not done" rather than an index describing tars that are being replaced.
         storage.remove(record_ref(self.name, spec.shard_id))
         storage.remove(INDEX_REF)
-        dtype = token_dtype(meta["vocab_size"])
         counts: dict[str, int] = {}
         entries = {}
         for split in SPLITS:
@@ -301,6 +312,32 @@ class PackStage:
                 storage.remove(shard_ref(name))  # left over from a run with more shards
         outputs = {"index": INDEX_REF, **{name: shard_ref(name) for name in sorted(names)}}
         return ShardOutput(outputs=outputs, counts=counts)
+
+    def _append(self, storage: Storage, plan: AppendPlan, meta: dict, dtype: np.dtype, model_digest: str) -> ShardOutput:
+        """New streams into new tars; the index gains their entries after the earlier ones.
+
+        The earlier record and index stay in place until the new index is published: a crash
+        before that leaves the earlier pack intact (plus unlisted tars that the next run
+        overwrites); a crash after it, before the record, leaves an index its record does not
+        describe, which the next plan finds and repacks.
+        """
+        entries = {split: list(plan.index["splits"].get(split, {}).get("shards", [])) for split in SPLITS}
+        counts = dict(plan.counts)
+        new_names: list[str] = []
+        for split in SPLITS:
+            refs = [r for r in plan.new_streams if r.startswith(f"{STAGE_DIR}/") and r.endswith(f".{split}.npy")]
+            if not refs:
+                continue
+            added, c = pack_split(storage, split, refs, self.cfg, dtype, meta["eos_id"], plan.next_number(split))
+            entries[split].extend(added)
+            new_names.extend(e["name"] for e in added)
+            counts = merge_counts(counts, c)
+        index = make_index(self.cfg.seq_len, dtype, meta["vocab_size"], model_digest, meta["eos_id"], entries)
+        write_index(storage, index)
+        log.info("pack: appended %d stream(s) as %d new tar(s); %d earlier tar(s) untouched",
+                 len(plan.new_streams), len(new_names), len(plan.kept))
+        outputs = {"index": INDEX_REF, **{name: shard_ref(name) for name in new_names}}
+        return ShardOutput(outputs=outputs, counts=counts, kept=plan.kept)
 
 
 def tokenize_stages(cfg: PrepConfig, upstream: str = "dedup") -> list[Any]:

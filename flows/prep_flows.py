@@ -187,7 +187,7 @@ def run_stage_tasks(stage: Stage, storage: Storage, cfg: PipelineConfig, runner,
             if progress is not None:
                 progress.advance()
 
-    records = list_records(storage, stage.name)
+    records = list_records(storage, stage.name, update_index=True)  # the lock holder keeps the index current
     rows = [artifacts.shard_row(sid, states.get(sid, "not selected"), records.get(sid)) for sid in sorted(ids)]
     table = artifacts.stage_table(rows)
     summary = artifacts.stage_summary(stage.name, table, ran=len(ran), skipped=len(planned) - len(pending),

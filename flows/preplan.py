@@ -89,7 +89,7 @@ def preplan(cfg: Any, stage: str = "all", shards: list[str] | None = None, force
             if force or shards or result.work:
                 continue
             specs = specs_by_stage[st.name]
-            records = list_records(storage, st.name)
+            records = list_records(storage, st.name, update_index=True)  # we hold the lock
             gone = orphans(specs, records)
             planned = plan(st, storage, deep_verify=verify, specs=specs, records=records)
             todo = [p for p in planned if p.needs_work]

@@ -25,6 +25,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from .layout import stage_dir
+from .record_index import INDEX_NAME, decode_index, encode_index
 from .store import Stat, Storage, StorageError
 
 
@@ -135,29 +136,81 @@ def read_record(storage: Storage, stage: str, shard_id: str) -> ShardRecord | No
     return rec
 
 
-def list_records(storage: Storage, stage: str) -> dict[str, ShardRecord]:
-    """Every record of a stage by shard id: one listing, then the records not in the session,
-    fetched concurrently on object stores (one batch of GETs instead of one round trip each)."""
+def index_ref(stage: str) -> str:
+    return f"{manifest_dir(stage)}/{INDEX_NAME}"
+
+
+def _from_index(entry: dict) -> ShardRecord | None:
+    try:
+        return ShardRecord.model_validate(entry)
+    except ValueError:  # an index of another schema: read the file instead
+        return None
+
+
+def list_records(storage: Storage, stage: str, update_index: bool = False) -> dict[str, ShardRecord]:
+    """Every record of a stage by shard id, from one listing and the stage's record index.
+
+    A record comes from the index (storage/record_index.py) while its file's listed fingerprint
+    is the indexed one, else from its file: those are fetched concurrently on object stores (one
+    batch of GETs instead of one round trip each). ``update_index``: rewrite the index when it is
+    behind the files; only for the root lock's holder.
+    """
     cache = _SESSION.get()
-    names = storage.list(manifest_dir(stage), suffix=".json")
-    refs = {name[: -len(".json")]: f"{manifest_dir(stage)}/{name}" for name in names}
+    mdir = manifest_dir(stage)
+    listed = {name[: -len(".json")]: st for name, st in storage.stat_dir(mdir).items()
+              if name.endswith(".json") and name != INDEX_NAME}
+    if not listed:
+        return {}
     out: dict[str, ShardRecord] = {}
     todo = []
-    for shard_id, ref in refs.items():
-        if cache is not None and storage.uri(ref) in cache:
-            if cache[storage.uri(ref)] is not None:
-                out[shard_id] = cache[storage.uri(ref)]
+    for shard_id in listed:
+        uri = storage.uri(f"{mdir}/{shard_id}.json")
+        if cache is not None and uri in cache:
+            if cache[uri] is not None:
+                out[shard_id] = cache[uri]
         else:
             todo.append(shard_id)
-    data = storage.read_many([refs[s] for s in todo])
+    indexed: dict = {}
+    if todo or update_index:
+        try:
+            indexed = decode_index(stage, storage.read_bytes(index_ref(stage)))
+        except FileNotFoundError:
+            indexed = {}
+    fetch = []
     for shard_id in todo:
-        raw = data.get(refs[shard_id])
+        entry = indexed.get(shard_id)
+        rec = _from_index(entry[1]) if entry is not None and entry[0] == listed[shard_id].fingerprint else None
+        if rec is None:
+            fetch.append(shard_id)
+            continue
+        out[shard_id] = rec
+        if cache is not None:
+            cache[storage.uri(f"{mdir}/{shard_id}.json")] = rec
+    data = storage.read_many([f"{mdir}/{s}.json" for s in fetch])
+    for shard_id in fetch:
+        raw = data.get(f"{mdir}/{shard_id}.json")
         rec = ShardRecord.model_validate(json.loads(raw)) if raw is not None else None
         if cache is not None:
-            cache[storage.uri(refs[shard_id])] = rec
+            cache[storage.uri(f"{mdir}/{shard_id}.json")] = rec
         if rec is not None:
             out[shard_id] = rec
+    if update_index:
+        current = {sid: listed[sid].fingerprint for sid in out if listed[sid].fingerprint}
+        if {sid: entry[0] for sid, entry in indexed.items()} != current:
+            write_index(storage, stage, out, listed)
     return dict(sorted(out.items()))
+
+
+def write_index(storage: Storage, stage: str, records: dict[str, ShardRecord], listed: dict[str, Stat]) -> None:
+    """Publish the stage's record index: each record beside its file's listed fingerprint."""
+    entries = {sid: (listed[sid].fingerprint, rec.model_dump(mode="json"))
+               for sid, rec in records.items() if sid in listed and listed[sid].fingerprint}
+    storage.write_bytes(index_ref(stage), encode_index(stage, entries))
+
+
+def refresh_index(storage: Storage, stage: str) -> None:
+    """Bring a stage's record index up to date with its record files (the lock holder, after a stage)."""
+    list_records(storage, stage, update_index=True)
 
 
 def list_stages(storage: Storage) -> list[str]:
