@@ -17,6 +17,7 @@ Debian packages it reads (Debian 12 / bookworm, all in main)::
     erlang-doc perl-doc git-doc bash-doc manpages manpages-dev debian-handbook
     debian-reference-en debian-reference-de debian-reference-fr developers-reference
     debian-policy manpages-de manpages-fr linux-doc-6.1
+    python-pandas-doc llvm-15-doc openjdk-17-doc rust-doc   (filler for ~1 GB runs)
 
 ``--install`` runs ``apt-get update`` and ``apt-get install -y --no-install-recommends`` for
 them (needs root); without it a missing package is an error (or skipped with ``--skip-missing``).
@@ -135,6 +136,16 @@ BENCH_SOURCES: tuple[tuple[Source, float | None], ...] = (
     # filler
     (Source("linux-doc-6.1", "/usr/share/doc/linux-doc-6.1/html", ("*.html",), "GPL-2",
             exclude=_SPHINX_EXCLUDE, main=("role", "main")), None),
+    # more filler for the ~1 GB-scale runs (bench/reprocess.py): large generated API references
+    # (templated families: one page per item) and Sphinx manuals
+    (Source("python-pandas-doc", "/usr/share/doc/python-pandas-doc/html", ("*.html",), "BSD-3-Clause",
+            exclude=_SPHINX_EXCLUDE + ("_static/*",), main=("role", "main")), None),
+    (Source("llvm-15-doc", "/usr/share/doc/llvm-15-doc/html", ("*.html",), "Apache-2.0 WITH LLVM-exception",
+            exclude=_SPHINX_EXCLUDE), None),
+    (Source("openjdk-17-doc", "/usr/share/doc/openjdk-17-jre-headless/api", ("*.html",), "GPL-2 with Classpath exception",
+            exclude=("*-index.html", "index-files/*", "*/package-tree.html", "overview-tree.html")), None),
+    (Source("rust-doc", "/usr/share/doc/rust-doc/html", ("*.html",), "MIT or Apache-2.0",
+            exclude=("*/all.html", "*/sidebar-items*", "search-index*")), None),
 )
 
 APT_PACKAGES = tuple(dict.fromkeys(s.package for s, _ in BENCH_SOURCES))

@@ -32,7 +32,7 @@ import numpy as np
 
 from shardflow.storage import Storage
 from shardflow.storage.jsonl import read_parquet_if_intact
-from shardflow.storage.manifest import read_record
+from shardflow.storage.manifest import StatCache, read_record
 
 from .dedup_common import CLUSTERS, FORMAT_VERSION, GLOBAL_SHARD, STATE_REF, dumps
 from .dedup_graph import Groups
@@ -51,7 +51,8 @@ def previous_state(storage: Storage, config_digest: str, sigs: dict[str, str]) -
     if not old or any(sigs.get(s) != dg for s, dg in old.items()) or set(sigs) == set(old):
         return None                  # a shard changed or went away, or nothing was added
     drops = {s: rec.outputs.get(f"drops.{s}") for s in old}
-    if any(out is None or not storage.exists(out.ref) for out in drops.values()):
+    stats = StatCache(storage)  # one listing of the drop lists' folder, not a HEAD per shard
+    if any(out is None or stats.stat(out.ref) is None for out in drops.values()):
         return None
     return {"shards": old, "drops": drops, "dropped_total": int(state.get("dropped_total", 0))}
 

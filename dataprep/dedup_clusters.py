@@ -344,6 +344,9 @@ class DedupClustersStage:
         if prev is not None:
             is_new = np.isin((groups.nodes >> np.uint64(32)).astype(np.int64),
                              [i for i, s in enumerate(shards) if s not in prev["shards"]])
+            # Only groups holding a new document matter: cut to them first, so that the earlier drop
+            # lists read are those of the shards sharing a candidate group with new documents.
+            groups, is_new = restrict_to_new(groups, is_new, np.zeros(len(groups.nodes), dtype=bool))
             groups, is_new = restrict_to_new(groups, is_new, earlier_drops(storage, groups.nodes, shards, prev))
             old = ~is_new
         counters["nodes"] = len(groups.nodes)

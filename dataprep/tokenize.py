@@ -33,7 +33,7 @@ from shardflow.storage import Storage, digest_json
 from shardflow.storage.doc_split import SPLIT_DOMAIN as _SPLIT_DOMAIN
 from shardflow.storage.doc_split import val_threshold
 from shardflow.storage.layout import stage_dir
-from shardflow.storage.manifest import ShardState, classify, list_records, read_record, record_ref
+from shardflow.storage.manifest import ShardState, StatCache, classify, list_records, read_record, record_ref
 from shardflow.storage.shards import (
     INDEX_REF,
     SHARDS_DIR,
@@ -276,8 +276,10 @@ class PackStage:
     def _check_upstream(self, storage: Storage) -> None:
         records = list_records(storage, self.tokenize.name)
         config_digest = self.tokenize.config_digest()
+        stats = StatCache(storage)  # one listing of the streams' folder, not one per shard
         behind = [s.shard_id for s in self.tokenize.shards(storage)
-                  if classify(storage, records.get(s.shard_id), s.input_digest, config_digest, deep=False) is not ShardState.DONE]
+                  if classify(storage, records.get(s.shard_id), s.input_digest, config_digest, deep=False,
+                              stats=stats) is not ShardState.DONE]
         if behind:
             raise RuntimeError(f"tokenize shards not done or out of date: {behind[:20]}{' ...' if len(behind) > 20 else ''}; "
                                "run the tokenize stage first")

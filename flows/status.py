@@ -21,7 +21,7 @@ from shardflow.dataprep.stage import PlannedShard, Reason, ShardSpec, Stage, orp
 from shardflow.dataprep.stages import DEFAULT_FACTORY, load_factory
 from shardflow.flows import artifacts
 from shardflow.storage import Storage
-from shardflow.storage.manifest import ShardState, list_records, record_session, verify_outputs
+from shardflow.storage.manifest import ShardState, StatCache, list_records, record_session, verify_outputs
 
 STATE_COLUMNS = ("done", "pending", "stale", "failed", "corrupt")
 _STATE_NAME = {ShardState.DONE: "done", ShardState.MISSING: "pending", ShardState.STALE: "stale",
@@ -194,13 +194,14 @@ def verify(cfg, stage_factory: str = DEFAULT_FACTORY, out=None) -> list[str]:
     problems: list[str] = []
     checked = 0
     for stage in load_factory(stage_factory)(cfg.prep):
+        stats = StatCache(storage)  # one listing per output folder of the stage
         for shard_id, rec in sorted(list_records(storage, stage.name).items()):
             where = f"stage {stage.name} shard {shard_id}"
             if rec.status != "done":
                 problems.append(f"{where}: last run failed: {(rec.error or '').splitlines()[0] if rec.error else 'no error recorded'}")
                 continue
             checked += len(rec.outputs)
-            problems.extend(f"{where}: {p}" for p in verify_outputs(storage, rec, deep=True))
+            problems.extend(f"{where}: {p}" for p in verify_outputs(storage, rec, deep=True, stats=stats))
     problems.extend(_verify_index(storage))
     for p in problems:
         print(f"PROBLEM {p}", file=out)

@@ -276,9 +276,9 @@ def check_outputs(
     return problems, (refreshed if changed and not problems else None)
 
 
-def verify_outputs(storage: Storage, record: ShardRecord, deep: bool = True) -> list[str]:
+def verify_outputs(storage: Storage, record: ShardRecord, deep: bool = True, stats: StatCache | None = None) -> list[str]:
     """Problems with a record's outputs ([] = all present and, if ``deep``, hashing as recorded)."""
-    return check_outputs(storage, record, deep=deep)[0]
+    return check_outputs(storage, record, deep=deep, stats=stats)[0]
 
 
 def classify(
@@ -287,8 +287,10 @@ def classify(
     input_digest: str | None = None,
     config_digest: str | None = None,
     deep: bool = True,
+    stats: StatCache | None = None,
 ) -> ShardState:
-    """Where a shard stands relative to the current inputs and config."""
+    """Where a shard stands relative to the current inputs and config. ``stats``: share one
+    listing per folder across the shards of a stage (else each call lists the folder again)."""
     if record is None:
         return ShardState.MISSING
     if record.status != "done":
@@ -297,7 +299,7 @@ def classify(
         config_digest is not None and record.config_digest != config_digest
     ):
         return ShardState.STALE
-    if verify_outputs(storage, record, deep=deep):
+    if verify_outputs(storage, record, deep=deep, stats=stats):
         return ShardState.CORRUPT
     return ShardState.DONE
 
