@@ -44,7 +44,8 @@ os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")  # the moto endpoint's, no
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
-from shardflow.dataprep.stage import run_stage  # noqa: E402
+from shardflow.dataprep.dedup_common import DROP_DIR  # noqa: E402
+from shardflow.dataprep.stage import run_stage, shard_id_for  # noqa: E402
 from shardflow.dataprep.stages import build_stages  # noqa: E402
 from shardflow.dataprep.tokenize import PackStage  # noqa: E402
 from shardflow.flows.config import load_config  # noqa: E402
@@ -197,6 +198,35 @@ def tree(storage: Storage, prefixes: tuple[str, ...] = COMPARED) -> dict[str, by
     return out
 
 
+def dedup_differences(appended: Storage, union: Storage, new_shards: set[str]) -> dict[str, int]:
+    """Where append-mode dedup and a from-scratch recompute removed different documents, sorted
+    into the two documented kinds (docs/dedup.md): an earlier document append kept although the
+    recompute removed it in favour of a new one, and a new document append removed in favour of an
+    earlier survivor the recompute did not keep. Anything else counts as ``unexplained``."""
+    import pyarrow.parquet as pq
+
+    def drops(storage: Storage) -> dict[str, dict]:
+        out = {}
+        for name in storage.list(DROP_DIR, suffix=".parquet"):
+            with storage.open_read(f"{DROP_DIR}/{name}") as f:
+                for row in pq.read_table(f, columns=["id", "survivor", "survivor_shard"]).to_pylist():
+                    out[row["id"]] = {**row, "shard": name[: -len(".parquet")]}
+        return out
+
+    a, u = drops(appended), drops(union)
+    kinds = {"earlier_kept_by_append": 0, "new_removed_by_append": 0, "unexplained": 0}
+    for doc_id in set(a) ^ set(u):
+        row = u.get(doc_id) or a[doc_id]
+        if doc_id in u and row["shard"] not in new_shards:
+            kinds["earlier_kept_by_append" if u[doc_id]["survivor_shard"] in new_shards else "unexplained"] += 1
+        elif doc_id in a and row["shard"] in new_shards and a[doc_id]["survivor_shard"] not in new_shards:
+            kinds["new_removed_by_append"] += 1
+        else:
+            kinds["unexplained"] += 1
+    kinds["dropped_appended"], kinds["dropped_union"] = len(a), len(u)
+    return kinds
+
+
 def copy_tokenizer(src: Storage, dst: Storage) -> None:
     for ref in src.list("tokenizer"):
         dst.write_bytes(f"tokenizer/{ref}", src.read_bytes(f"tokenizer/{ref}"))
@@ -266,6 +296,10 @@ def bench_backend(name: str, base_files: list[Path], new_files: list[Path], work
         a.update(tree(cfg.storage_handle(), ("shards/",)))
         b.update(tree(union, ("shards/",)))
     differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    dedup_diff = {}
+    if union_check:
+        new_shards = {shard_id_for(inputs.uri(f"in/{f.name}")) for f in new_files}
+        dedup_diff = dedup_differences(cfg.storage_handle(), union, new_shards)
     gb = (in_bytes + add_bytes) / 1e9
     return {
         "backend": name, "files": len(base_files), "added": len(new_files), "input_mb_compressed": round(in_bytes / 1e6, 2),
@@ -279,7 +313,8 @@ def bench_backend(name: str, base_files: list[Path], new_files: list[Path], work
         "append_read_mb": round((add_read[0] + add_read[1]) / 1e6, 1),
         "append_tars_untouched": f"{tars_kept}/{tars_before}", "append_tars_new": tars_new,
         "union_s": round(union_s, 2), "files_compared": len(set(a) | set(b)), "files_differing": differ[:20],
-        "n_differing": len(differ), "gb_input": round(gb, 4),
+        "n_differing": len(differ), "gb_input": round(gb, 4), "dedup_differences": dedup_diff,
+        "differing_outside_dedup_semantics": [k for k in differ if not k.startswith(("stages/dedup/", "stages/tokenize/", "shards/"))],
     }
 
 
@@ -356,7 +391,8 @@ def main(argv=None) -> int:
               f"{r['noop_read_data_bytes']} B of data = {r['noop_read_mb_per_gb_input']} MB/GB of input (goal <= 1) | "
               f"append {r['added']} file(s) {r['append_s']}s = {100 * r['append_ratio']:.2f} % (goal <= 5 %) | union vs appended: "
               f"{r['files_compared'] - r['n_differing']}/{r['files_compared']} files byte-identical (tars after pack --force) | "
-              f"append left {r['append_tars_untouched']} earlier tars untouched, wrote {r['append_tars_new']} new")
+              f"append left {r['append_tars_untouched']} earlier tars untouched, wrote {r['append_tars_new']} new | "
+              f"dedup append vs recompute: {r['dedup_differences']}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0
