@@ -34,7 +34,7 @@ from shardflow.storage import Storage
 from shardflow.storage.jsonl import read_parquet_if_intact
 from shardflow.storage.manifest import StatCache, read_record
 
-from .dedup_common import CLUSTERS, FORMAT_VERSION, GLOBAL_SHARD, STATE_REF, dumps
+from .dedup_common import CLUSTERS, FORMAT_VERSION, GLOBAL_SHARD, STATE_REF, dumps, prefetched
 from .dedup_graph import Groups
 
 
@@ -52,8 +52,10 @@ def previous_state(storage: Storage, config_digest: str, sigs: dict[str, str]) -
         return None                  # a shard changed or went away, or nothing was added
     drops = {s: rec.outputs.get(f"drops.{s}") for s in old}
     stats = StatCache(storage)  # one listing of the drop lists' folder, not a HEAD per shard
-    if any(out is None or stats.stat(out.ref) is None for out in drops.values()):
-        return None
+    for out in drops.values():
+        st = stats.stat(out.ref) if out is not None else None
+        if st is None or st.size != out.bytes or (out.fingerprint and st.fingerprint != out.fingerprint):
+            return None              # gone or rewritten since: a full run decides afresh
     return {"shards": old, "drops": drops, "dropped_total": int(state.get("dropped_total", 0))}
 
 
@@ -68,11 +70,11 @@ def earlier_drops(storage: Storage, nodes: np.ndarray, shards: list[str], prev: 
     lists of only the earlier shards that have candidate nodes."""
     dropped = np.zeros(len(nodes), dtype=bool)
     ordinals = (nodes >> np.uint64(32)).astype(np.int64)
-    for o in np.unique(ordinals).tolist():
-        out = prev["drops"].get(shards[o])
-        if out is None:
-            continue
-        table = read_parquet_if_intact(storage, out.ref, out.digest, ["idx"])
+    earlier = [o for o in np.unique(ordinals).tolist() if prev["drops"].get(shards[o]) is not None]
+    read = lambda o: read_parquet_if_intact(storage, prev["drops"][shards[o]].ref,  # noqa: E731
+                                            prev["drops"][shards[o]].digest, ["idx"])
+    for o, table in prefetched(read, earlier):
+        out = prev["drops"][shards[o]]
         if table is None:
             raise RuntimeError(f"{storage.uri(out.ref)} changed since the last dedup_clusters run: "
                                f"re-run with prep.dedup.incremental=full")

@@ -48,8 +48,8 @@ from .config import DedupConfig, PrepConfig
 from .dedup_append import earlier_drops, previous_state, restrict_to_new, write_state
 from .dedup_common import (BUCKET_DIR, BUCKETS, CLUSTERS, SIGNATURES, EXACT_COLUMN, FORMAT_VERSION, GLOBAL_SHARD,
                            META_KEY, MINHASH_COLUMN, NORMALIZATION_VERSION, REPORT_REF, SIG_DIR, bucket_ids, bucket_ref,
-                           check_sig_params, concat, done_records, drop_ref, dumps, key_columns, shard_of_ref, sig_meta,
-                           signature_inputs)
+                           check_sig_params, concat, done_records, drop_ref, dumps, key_columns, prefetched, shard_of_ref,
+                           sig_meta, signature_inputs, table_meta)
 from .dedup_graph import Groups, connected_components, group_pairs, signature_similarity, sorted_jaccard, star_clusters
 from .dedup_signatures import read_signatures
 from .minhash import MinHasher
@@ -91,6 +91,14 @@ class SignatureMetas:
         self.storage, self.refs, self.d = storage, sig_refs, d
         self._cache: dict[int, dict[str, Any]] = {}
 
+    def from_table(self, ordinal: int, table: Any) -> dict[str, Any]:
+        """The metadata of a signature file already read (spares a second open of it)."""
+        if ordinal not in self._cache:
+            meta = table_meta(self.storage, self.refs[ordinal], table)
+            check_sig_params(self.storage, self.refs[ordinal], meta, self.d)
+            self._cache[ordinal] = meta
+        return self._cache[ordinal]
+
     def __getitem__(self, ordinal: int) -> dict[str, Any]:
         if ordinal not in self._cache:
             ref = self.refs[ordinal]
@@ -105,8 +113,7 @@ def load_groups(storage: Storage, bucket_refs: list[str], columns: list[str], or
     col_idx, keys, nodes = [], [], []
     col_names = pa.array(list(colpos), type=pa.string())
     shard_names = pa.array(list(ordinal), type=pa.string())
-    for ref in bucket_refs:
-        t = read_parquet_table(storage, ref)
+    for ref, t in prefetched(lambda r: read_parquet_table(storage, r), bucket_refs):
         cols = pc.index_in(t.column("column"), value_set=col_names)     # vectorized name -> position
         shards = pc.index_in(t.column("shard"), value_set=shard_names)
         if cols.null_count or shards.null_count:
@@ -136,12 +143,10 @@ def load_docs(storage: Storage, codes: np.ndarray, sig_refs: list[str], perms: i
                 sig=np.zeros((n, perms), np.uint32) if perms else None)
     bounds = np.searchsorted(docs.shard, np.arange(len(sig_refs) + 1))
     columns = [EXACT_COLUMN, "text_hash", "id"] + ([MINHASH_COLUMN] if perms else [])
-    for o, ref in enumerate(sig_refs):
-        lo, hi = int(bounds[o]), int(bounds[o + 1])
-        if lo == hi:
-            continue
-        _ = metas[o]                               # reads and checks its parameters against the config
-        t = read_parquet_table(storage, ref, columns)
+    needed = [o for o in range(len(sig_refs)) if bounds[o] < bounds[o + 1]]
+    for o, t in prefetched(lambda o: read_parquet_table(storage, sig_refs[o], columns), needed):
+        lo, hi, ref = int(bounds[o]), int(bounds[o + 1]), sig_refs[o]
+        metas.from_table(o, t)                     # checks its parameters against the config
         if int(docs.idx[hi - 1]) >= t.num_rows:
             raise ValueError(f"{storage.uri(ref)} has {t.num_rows} rows, the bucket files refer to more (stale?)")
         rows = pa.array(docs.idx[lo:hi])
@@ -359,8 +364,9 @@ class DedupClustersStage:
         write = [s for s in shards if prev is None or s not in prev["shards"]]
         per_shard = write_drop_lists(storage, shards, metas, docs, decision, set(write))
         outputs.update({f"drops.{s}": drop_ref(s) for s in write})
-        if prev is not None:
-            outputs.update({f"drops.{s}": out.ref for s, out in prev["drops"].items()})
+        # The earlier drop lists are carried as recorded (checked against their listed fingerprints
+        # in previous_state), not hashed again: one read per earlier shard on an object store.
+        kept = {f"drops.{s}": out for s, out in prev["drops"].items()} if prev is not None else {}
         earlier = prev["dropped_total"] if prev is not None else 0
         n_docs = sum(r.counts.get("docs_in", 0) for r in done_records(storage, SIGNATURES, shards).values())
         report = build_report(self.columns, d, len(shards), n_docs, docs, decision, components, counters, per_shard, earlier)
@@ -369,7 +375,7 @@ class DedupClustersStage:
         storage.write_bytes(REPORT_REF, (json.dumps(report, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode())
         outputs["report"] = REPORT_REF
         outputs["state"] = write_state(storage, digest, sigs, earlier + report["dropped"]["total"])
-        return ShardOutput(outputs=outputs, counts=dict(counters))
+        return ShardOutput(outputs=outputs, counts=dict(counters), kept=kept)
 
 
 def cluster_id(docs: Docs, node: int) -> str:
