@@ -65,6 +65,9 @@ from tools.demo_corpus.sources import (  # noqa: E402
 _SK = DEFAULT_SKIP_CLASSES | {"banner", "docnav", "header", "footer", "footnotes", "global-nav",
                               "sidebar", "page-header", "path", "quickview", "topbar",
                               "docs-bottom-navigation", "docs-copyright", "toc-jump"}
+LINUX_SRC = "/tmp/shardflow-linux-source-6.1"
+"""Where ``--install`` (or a person) unpacks /usr/src/linux-source-6.1.tar.xz: the package ships a tarball."""
+
 _SPHINX_EXCLUDE = ("genindex*", "py-modindex.html", "search.html", "contents.html", "_*",
                    "*/_*")
 
@@ -146,6 +149,14 @@ BENCH_SOURCES: tuple[tuple[Source, float | None], ...] = (
             exclude=("*-index.html", "index-files/*", "*/package-tree.html", "overview-tree.html")), None),
     (Source("rust-doc", "/usr/share/doc/rust-doc/html", ("*.html",), "MIT or Apache-2.0",
             exclude=("*/all.html", "*/sidebar-items*", "search-index*")), None),
+    # source code, one file per document, as code-bearing web crawls have it
+    (Source("golang-1.19-src", "/usr/share/go-1.19/src", ("*.go", "*.s", "*.md"), "BSD-3-Clause",
+            fmt="code", exclude=("*/testdata/*",)), None),
+    (Source("rust-src", "/usr/src/rustc-1.63.0", ("*.rs", "*.md", "*.toml"), "MIT or Apache-2.0",
+            fmt="code", exclude=("*/test/*", "*/tests/*")), None),
+    (Source("libboost1.74-dev", "/usr/include/boost", ("*.hpp", "*.h", "*.ipp"), "BSL-1.0", fmt="code"), None),
+    (Source("linux-source-6.1", LINUX_SRC, ("*.c", "*.h", "*.rst", "*.txt", "Kconfig*"), "GPL-2",
+            fmt="code", walk=True, exclude=("*/firmware/*", "*/include/dt-bindings/*", "*/arch/*/boot/dts/*")), None),
 )
 
 APT_PACKAGES = tuple(dict.fromkeys(s.package for s, _ in BENCH_SOURCES))
@@ -233,6 +244,18 @@ def write_shards(out: Path, docs: list[Doc], shards: int, level: int) -> list[di
     return info
 
 
+def unpack_linux_source(tarball: str = "/usr/src/linux-source-6.1.tar.xz") -> None:
+    """linux-source-6.1 ships one tarball: unpack it once to :data:`LINUX_SRC` (atomically, by rename)."""
+    if os.path.isdir(LINUX_SRC) or not os.path.exists(tarball):
+        return
+    tmp = LINUX_SRC + ".part"
+    subprocess.run(["rm", "-rf", tmp], check=True)
+    os.makedirs(tmp)
+    print(f"unpacking {tarball} to {LINUX_SRC} ...", flush=True)
+    subprocess.run(["tar", "-xf", tarball, "-C", tmp, "--strip-components=1"], check=True)
+    os.rename(tmp, LINUX_SRC)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("bench/_data/corpus"))
@@ -257,6 +280,7 @@ def main(argv=None) -> int:
         subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", *APT_PACKAGES],
                        check=True, env=env)
     rates = [float(r) for r in args.plant_near_dups.split(",") if r.strip()]
+    unpack_linux_source()
     t0 = time.monotonic()
     print(f"collecting {args.target_mb:g} MB of text with {args.jobs} workers")
     try:

@@ -199,10 +199,14 @@ def tree(storage: Storage, prefixes: tuple[str, ...] = COMPARED) -> dict[str, by
 
 
 def dedup_differences(appended: Storage, union: Storage, new_shards: set[str]) -> dict[str, int]:
-    """Where append-mode dedup and a from-scratch recompute removed different documents, sorted
-    into the two documented kinds (docs/dedup.md): an earlier document append kept although the
-    recompute removed it in favour of a new one, and a new document append removed in favour of an
-    earlier survivor the recompute did not keep. Anything else counts as ``unexplained``."""
+    """Where append-mode dedup and a from-scratch recompute removed different documents.
+
+    Append mode's rule (docs/dedup.md): earlier decisions are final, and new documents are decided
+    against the documents kept earlier. A recompute re-clusters everything, so it can remove an
+    earlier document (in favour of a new one, or re-clustered around one: greedy star clustering
+    ripples) and keep a new document that append removed against an earlier survivor, or the
+    reverse. Counted by kind; ``earlier_removed_by_append_only`` must be 0 (append never removes
+    an earlier document), which the byte-identical earlier drop lists also show."""
     import pyarrow.parquet as pq
 
     def drops(storage: Storage) -> dict[str, dict]:
@@ -214,15 +218,18 @@ def dedup_differences(appended: Storage, union: Storage, new_shards: set[str]) -
         return out
 
     a, u = drops(appended), drops(union)
-    kinds = {"earlier_kept_by_append": 0, "new_removed_by_append": 0, "unexplained": 0}
+    kinds = {"earlier_kept_by_append_recompute_prefers_new": 0, "earlier_kept_by_append_recompute_reclustered": 0,
+             "earlier_removed_by_append_only": 0, "new_removed_by_append_only": 0, "new_removed_by_recompute_only": 0}
     for doc_id in set(a) ^ set(u):
         row = u.get(doc_id) or a[doc_id]
-        if doc_id in u and row["shard"] not in new_shards:
-            kinds["earlier_kept_by_append" if u[doc_id]["survivor_shard"] in new_shards else "unexplained"] += 1
-        elif doc_id in a and row["shard"] in new_shards and a[doc_id]["survivor_shard"] not in new_shards:
-            kinds["new_removed_by_append"] += 1
+        if row["shard"] in new_shards:
+            kinds["new_removed_by_append_only" if doc_id in a else "new_removed_by_recompute_only"] += 1
+        elif doc_id in a:
+            kinds["earlier_removed_by_append_only"] += 1
+        elif u[doc_id]["survivor_shard"] in new_shards:
+            kinds["earlier_kept_by_append_recompute_prefers_new"] += 1
         else:
-            kinds["unexplained"] += 1
+            kinds["earlier_kept_by_append_recompute_reclustered"] += 1
     kinds["dropped_appended"], kinds["dropped_union"] = len(a), len(u)
     return kinds
 
@@ -268,12 +275,15 @@ def bench_backend(name: str, base_files: list[Path], new_files: list[Path], work
     cli_s = cli_noop(overrides)
     print(f"[{name}] full {full_s:.1f}s, no-op plan {noop_s:.2f}s, CLI no-op {cli_s:.2f}s; appending {len(new_files)} file(s) ...", flush=True)
     shards_before = tree(cfg.storage_handle(), ("shards/",))
+    drops_before = tree(cfg.storage_handle(), (DROP_DIR + "/",))
     add_bytes = put_inputs(inputs, new_files)
     added, add_s, add_read = timed(run_all, cfg)
     shards_after = tree(cfg.storage_handle(), ("shards/",))
     tars_kept = sum(shards_after.get(k) == v for k, v in shards_before.items() if k.endswith(".tar"))
     tars_before = sum(k.endswith(".tar") for k in shards_before)
     tars_new = sum(k.endswith(".tar") and k not in shards_before for k in shards_after)
+    drops_after = tree(cfg.storage_handle(), (DROP_DIR + "/",))
+    drops_kept = sum(drops_after.get(k) == v for k, v in drops_before.items())
     per_shard = {s: v["ran"] for s, v in added.items() if s in ("clean", "filter", "dedup_signatures", "dedup", "tokenize")}
     print(f"[{name}] append {add_s:.1f}s ({added}); from-scratch union ...", flush=True)
     a = b = {}
@@ -312,6 +322,7 @@ def bench_backend(name: str, base_files: list[Path], new_files: list[Path], work
         "append_s": round(add_s, 2), "append_ratio": round(add_s / full_s, 4), "append_ran_per_shard_stages": per_shard,
         "append_read_mb": round((add_read[0] + add_read[1]) / 1e6, 1),
         "append_tars_untouched": f"{tars_kept}/{tars_before}", "append_tars_new": tars_new,
+        "append_earlier_drop_lists_unchanged": f"{drops_kept}/{len(drops_before)}",
         "union_s": round(union_s, 2), "files_compared": len(set(a) | set(b)), "files_differing": differ[:20],
         "n_differing": len(differ), "gb_input": round(gb, 4), "dedup_differences": dedup_diff,
         "differing_outside_dedup_semantics": [k for k in differ if not k.startswith(("stages/dedup/", "stages/tokenize/", "shards/"))],
@@ -392,6 +403,7 @@ def main(argv=None) -> int:
               f"append {r['added']} file(s) {r['append_s']}s = {100 * r['append_ratio']:.2f} % (goal <= 5 %) | union vs appended: "
               f"{r['files_compared'] - r['n_differing']}/{r['files_compared']} files byte-identical (tars after pack --force) | "
               f"append left {r['append_tars_untouched']} earlier tars untouched, wrote {r['append_tars_new']} new | "
+              f"earlier drop lists unchanged {r['append_earlier_drop_lists_unchanged']} | "
               f"dedup append vs recompute: {r['dedup_differences']}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

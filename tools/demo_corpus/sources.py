@@ -32,12 +32,13 @@ class Source:
     root: str
     include: tuple[str, ...]
     license: str
-    fmt: str = "html"  # html | jargon | man | pod
+    fmt: str = "html"  # html | jargon | man | pod | code (a whole source file is one document)
     exclude: tuple[str, ...] = ()
     lang: str = "en"
     main: tuple[str, str] | None = None  # (attribute, value) of the element holding the content
     skip_classes: frozenset[str] = DEFAULT_SKIP_CLASSES  # also matched against element ids
     split_level: int = 2
+    walk: bool = False  # list files by walking ``root`` (an unpacked tarball) instead of dpkg's file list
 
 
 @dataclass
@@ -120,7 +121,8 @@ def source_files(src: Source) -> list[str]:
     """Relative paths of the regular files of ``src`` (symlinks are aliases, not documents)."""
     prefix = src.root.rstrip("/") + "/"
     rels = []
-    for path in package_files(src.package):
+    paths = (os.path.join(d, f) for d, _, fs in os.walk(src.root) for f in fs) if src.walk else package_files(src.package)
+    for path in paths:
         if not path.startswith(prefix) or os.path.islink(path) or not os.path.isfile(path):
             continue
         rel = path[len(prefix):]
@@ -145,6 +147,10 @@ def read_text(path: str) -> str:
         return data.decode("latin-1")
 
 
+MAX_CODE_BYTES = 1 << 20
+"""Source files above this are generated tables or test data, not code anyone wrote."""
+
+
 def extract_file(src: Source, rel: str) -> list[Doc]:
     """All documents in one file of ``src`` (picklable entry point for worker pools)."""
     text = read_text(os.path.join(src.root, rel))
@@ -158,6 +164,8 @@ def extract_file(src: Source, rel: str) -> list[Doc]:
         sections = split_blocks(blocks, split_level=1) if blocks else []
     elif src.fmt == "pod":
         sections = split_blocks(pod_to_blocks(text), split_level=1)
+    elif src.fmt == "code":
+        sections = [text] if "\x00" not in text and len(text) <= MAX_CODE_BYTES else []
     else:
         raise ValueError(f"unknown format {src.fmt!r}")
     docs = []
