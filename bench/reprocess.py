@@ -201,12 +201,12 @@ def tree(storage: Storage, prefixes: tuple[str, ...] = COMPARED) -> dict[str, by
 def dedup_differences(appended: Storage, union: Storage, new_shards: set[str]) -> dict[str, int]:
     """Where append-mode dedup and a from-scratch recompute removed different documents.
 
-    Append mode's rule (docs/dedup.md): earlier decisions are final, and new documents are decided
-    against the documents kept earlier. A recompute re-clusters everything, so it can remove an
+    Append mode's rule (docs/dedup.md): earlier decisions are final (the earlier drop lists stay
+    byte-identical, checked separately), and new documents are decided against the documents kept
+    earlier. A recompute re-clusters everything, so with the new documents present it can remove an
     earlier document (in favour of a new one, or re-clustered around one: greedy star clustering
-    ripples) and keep a new document that append removed against an earlier survivor, or the
-    reverse. Counted by kind; ``earlier_removed_by_append_only`` must be 0 (append never removes
-    an earlier document), which the byte-identical earlier drop lists also show."""
+    ripples), keep an earlier document the first run removed, and keep a new document that append
+    removed against an earlier survivor, or the reverse. Counted by kind."""
     import pyarrow.parquet as pq
 
     def drops(storage: Storage) -> dict[str, dict]:
@@ -218,18 +218,19 @@ def dedup_differences(appended: Storage, union: Storage, new_shards: set[str]) -
         return out
 
     a, u = drops(appended), drops(union)
-    kinds = {"earlier_kept_by_append_recompute_prefers_new": 0, "earlier_kept_by_append_recompute_reclustered": 0,
-             "earlier_removed_by_append_only": 0, "new_removed_by_append_only": 0, "new_removed_by_recompute_only": 0}
+    kinds = {"earlier_kept_recompute_removes_for_new": 0, "earlier_kept_recompute_removes_reclustered": 0,
+             "earlier_removed_first_run_recompute_keeps": 0, "new_removed_by_append_only": 0,
+             "new_removed_by_recompute_only": 0}
     for doc_id in set(a) ^ set(u):
         row = u.get(doc_id) or a[doc_id]
         if row["shard"] in new_shards:
             kinds["new_removed_by_append_only" if doc_id in a else "new_removed_by_recompute_only"] += 1
         elif doc_id in a:
-            kinds["earlier_removed_by_append_only"] += 1
+            kinds["earlier_removed_first_run_recompute_keeps"] += 1
         elif u[doc_id]["survivor_shard"] in new_shards:
-            kinds["earlier_kept_by_append_recompute_prefers_new"] += 1
+            kinds["earlier_kept_recompute_removes_for_new"] += 1
         else:
-            kinds["earlier_kept_by_append_recompute_reclustered"] += 1
+            kinds["earlier_kept_recompute_removes_reclustered"] += 1
     kinds["dropped_appended"], kinds["dropped_union"] = len(a), len(u)
     return kinds
 

@@ -2,7 +2,7 @@
 
 Every subcommand takes ``--config FILE`` (one YAML file per pipeline) and ``--set key=value``
 overrides; without ``--config`` the embedded defaults are used. The commands that work on an
-existing dataset root (``status``, ``verify``, ``train``, ``eval``, ``export-hf``) also take
+existing dataset root (``prep``, ``status``, ``verify``, ``train``, ``eval``, ``export-hf``) also take
 ``--root DIR``: the config the root recorded in ``DIR/pipeline.yaml``, which ``--config
 DIR/pipeline.yaml`` reads the same way. Runs go through Prefect (an ephemeral API unless
 ``PREFECT_API_URL`` points at a server), except ``config``/``status``/``verify`` which only read.
@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "trust unchanged size + mtime/ETag)")
     p.add_argument("--runner", choices=["process", "thread", "ray", "sequential"], help="task runner (default from config)")
     p.add_argument("--address", help="Ray cluster address for --runner ray (default: start a local cluster)")
-    _add_config_args(p)
+    _add_config_args(p, root=True)
     p.set_defaults(func=cmd_prep)
 
     p = sub.add_parser("status", help="per-stage table of done / pending / stale / failed shards")

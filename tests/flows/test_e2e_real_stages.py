@@ -77,6 +77,9 @@ def test_real_stages_end_to_end(real_config, capsys):
     capsys.readouterr()
     assert main(["prep", "all", "--config", str(real_config)]) == 0
     assert "nothing to do" in capsys.readouterr().out
+    # The same by the root alone (the config it recorded), as the demo's hints do for status/train.
+    assert main(["prep", "all", "--root", yaml.safe_load(real_config.read_text())["storage"]["root"]]) == 0
+    assert "nothing to do" in capsys.readouterr().out
     assert last_flow_run_id() == first_run
     # A --force run of one stage goes through the flow again.
     assert main(["prep", "tokenizer", "--force", "--config", str(real_config)]) == 0
