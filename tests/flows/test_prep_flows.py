@@ -61,6 +61,25 @@ def test_rerun_of_a_done_root_runs_nothing(done_root):
     assert [s["skipped"] for s in again["stages"]] == [3, 3, 1]
 
 
+def test_the_flow_keeps_each_stage_index_current_so_a_plan_reads_one_object_per_stage(done_root, monkeypatch):
+    """Issue 14: the lock holder rewrites a stage's record index after the stage, so the next plan
+    (preplan, what `shardflow prep` does first) reads one index per stage and no record file."""
+    from shardflow.flows.preplan import preplan
+    from shardflow.storage import Storage
+
+    storage = done_root.storage_handle()
+    for stage in ("upper", "words", "merge"):
+        assert storage.exists(f"stages/{stage}/_manifest/_index.json.zst"), stage
+    reads = []
+    for name in ("read_bytes", "read_many"):
+        orig = getattr(Storage, name)
+        monkeypatch.setattr(Storage, name, lambda s, ref, _o=orig: reads.append(ref) or _o(s, ref))
+    pre = preplan(done_root, stage_factory=FACTORY)
+    assert pre.nothing_to_do
+    manifest_reads = [str(r) for r in reads if "_manifest" in str(r)]
+    assert sorted(manifest_reads) == [f"stages/{s}/_manifest/_index.json.zst" for s in ("merge", "upper", "words")]
+
+
 def test_deleted_output_redoes_exactly_that_shard(done_root, corpus):
     before = outputs(done_root.storage.root)
     os.remove(os.path.join(done_root.storage.root, f"stages/upper/{sid(corpus, 1)}.jsonl.zst"))
