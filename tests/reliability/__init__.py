@@ -263,17 +263,31 @@ def check_root_sound(root: str | Path) -> dict[str, int]:
     import zstandard
 
     from shardflow.storage import Storage, digest_bytes
-    from shardflow.storage.manifest import list_records, list_stages, verify_outputs
+    from shardflow.storage.manifest import index_ref, list_records, list_stages, manifest_dir, record_ref, verify_outputs
+    from shardflow.storage.record_index import decode_index
 
     root = str(root)
     storage = Storage(root)
     checked = {"records": 0, "zst": 0, "parquet": 0, "json": 0, "tar": 0}
+    checked["index_entries"] = 0
     for stage in list_stages(storage):
         for sid, rec in list_records(storage, stage).items():
             if rec.status == "done":
                 problems = verify_outputs(storage, rec, deep=True)
                 assert not problems, f"{stage}/{sid}: done record whose outputs do not verify: {problems}"
                 checked["records"] += 1
+        # The record index may lag its record files, but an entry whose fingerprint is the file's
+        # current one must hold exactly that file's record (else a plan would trust a wrong record).
+        try:
+            indexed = decode_index(stage, storage.read_bytes(index_ref(stage)))
+        except FileNotFoundError:
+            indexed = {}
+        listed = storage.stat_dir(manifest_dir(stage))
+        for sid, (fp, entry) in indexed.items():
+            st = listed.get(f"{sid}.json")
+            if st is not None and st.fingerprint == fp:
+                assert entry == json.loads(storage.read_bytes(record_ref(stage, sid))), f"{stage}/{sid}: index entry differs from its record"
+                checked["index_entries"] += 1
     for rel in final_files(root):
         path = os.path.join(root, rel)
         if rel.endswith(".zst"):
@@ -323,6 +337,8 @@ def snapshot(root: str | Path) -> dict[str, Any]:
             continue
         with open(os.path.join(root, rel), "rb") as f:
             data = f.read()
+        if rel.endswith("/_manifest/_index.json.zst"):
+            continue  # a cache of the records beside this copy's fingerprints; soundness checks it
         if "/_manifest/" in rel:
             rec = json.loads(data)
             for k in ("wall_time_s", "finished_at", "fingerprints"):  # fingerprints: mtimes/ETags of this copy
