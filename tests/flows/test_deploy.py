@@ -164,6 +164,8 @@ def test_prefect_yaml_deploys_to_work_pools(tmp_path):
     assert sorted(deps) == sorted(d["name"] for d in spec["deployments"])
     assert deps["train"]["work_pool_name"] == "gpu-pool" and deps["prep-clean"]["work_pool_name"] == "cpu-pool"
     assert deps["evaluate"]["job_variables"] == {"gpus": 1}
+    # The pods' config path is a literal, not something rendered from the deploying machine's env.
+    assert deps["train-multinode"]["job_variables"]["env"] == {"SHARDFLOW_CONFIG": "/etc/shardflow/pipeline.yaml"}
     assert [s["schedule"]["cron"] for s in deps["pipeline"]["schedules"]] == ["0 3 * * *"]
     for d in deps.values():
         assert d["parameters"]["config_path"] is None  # read from $SHARDFLOW_CONFIG where the run executes
