@@ -123,9 +123,15 @@ def remove_record(storage: Storage, stage: str, shard_id: str) -> None:
 
 
 def read_record(storage: Storage, stage: str, shard_id: str) -> ShardRecord | None:
+    """One record. Within a :func:`record_session` a miss lists the whole stage instead (one
+    listing and its index, which a plan needs anyway), so a plan never fetches a record file the
+    index already holds."""
     ref = record_ref(stage, shard_id)
     cache = _SESSION.get()
-    if cache is not None and storage.uri(ref) in cache:
+    if cache is not None:
+        if storage.uri(ref) not in cache:
+            list_records(storage, stage)
+            cache.setdefault(storage.uri(ref), None)  # not listed: absent
         return cache[storage.uri(ref)]
     try:
         rec = ShardRecord.model_validate(storage.read_json(ref))

@@ -24,20 +24,36 @@ from typing import Any
 
 import zstandard
 
+from .store import digest_json
+
 INDEX_NAME = "_index.json.zst"
 """Not a record's name: records are ``<shard_id>.json``."""
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 MAX_INDEX_BYTES = 1 << 30
 """Decompressed size past which an index is ignored (it is a cache; the records are still there)."""
 
 
+def _derived_input_digest(rec: dict[str, Any]) -> str:
+    """What a record's ``input_digest`` is unless its stage pinned it (dataprep.stage.ShardSpec)."""
+    return digest_json(sorted((rec.get("inputs") or {}).items()))
+
+
 def encode_index(stage: str, entries: dict[str, tuple[str, dict[str, Any]]]) -> bytes:
-    """``entries``: shard id -> (record file fingerprint, record as JSON-ready dict)."""
-    body = {"version": INDEX_VERSION, "stage": stage,
-            "records": {sid: [fp, rec] for sid, (fp, rec) in sorted(entries.items())}}
+    """``entries``: shard id -> (record file fingerprint, record as JSON-ready dict).
+
+    Compact, because a no-op plan reads every index: an ``input_digest`` that is the digest of the
+    record's own inputs (all but pinned ones) is left out and recomputed on reading, and zstd runs
+    at its highest level (the index is written once per stage run, read by every plan).
+    """
+    records = {}
+    for sid, (fp, rec) in sorted(entries.items()):
+        if rec.get("input_digest") == _derived_input_digest(rec):
+            rec = {k: v for k, v in rec.items() if k != "input_digest"}
+        records[sid] = [fp, rec]
+    body = {"version": INDEX_VERSION, "stage": stage, "records": records}
     raw = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-    return zstandard.ZstdCompressor(level=10).compress(raw)
+    return zstandard.ZstdCompressor(level=19).compress(raw)
 
 
 def _decompress_bounded(data: bytes, limit: int) -> bytes | None:
@@ -68,6 +84,9 @@ def decode_index(stage: str, data: bytes, limit: int = MAX_INDEX_BYTES) -> dict[
     out = {}
     for sid, entry in records.items():
         if (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str) and entry[0]
-                and isinstance(entry[1], dict)):
-            out[sid] = (entry[0], entry[1])
+                and isinstance(entry[1], dict) and isinstance(entry[1].get("inputs", {}), dict)):
+            rec = entry[1]
+            if "input_digest" not in rec:
+                rec = {**rec, "input_digest": _derived_input_digest(rec)}
+            out[sid] = (entry[0], rec)
     return out

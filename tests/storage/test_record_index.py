@@ -125,3 +125,22 @@ def test_the_index_is_not_listed_as_a_record(stage_with_records):
 
 def storage_names(storage: Storage) -> set[str]:
     return set(list_records(storage, "clean"))
+
+
+def test_index_entries_equal_their_record_files_derived_digests_included(storage, monkeypatch):
+    from shardflow.storage.manifest import read_record
+    from shardflow.storage.store import digest_json
+
+    inputs = {"stages/clean/a.jsonl.zst": "sha256:" + "a" * 64}
+    derived = ShardRecord(stage="clean", shard_id="derived", status="done", inputs=inputs,
+                          input_digest=digest_json(sorted(inputs.items())))
+    pinned = ShardRecord(stage="clean", shard_id="pinned", status="done", inputs=inputs,
+                         input_digest="sha256:" + "p" * 64)  # a pinned digest is kept as it is
+    for r in (derived, pinned):
+        write_record(storage, r)
+    list_records(storage, "clean", update_index=True)
+    reads = RecordReads(monkeypatch)
+    from_index = list_records(storage, "clean")
+    assert reads.files == [] and reads.index == 1
+    assert from_index == {"derived": read_record(storage, "clean", "derived"),
+                          "pinned": read_record(storage, "clean", "pinned")}
