@@ -352,8 +352,8 @@ class StatefulLoader:
             raise ValueError(f"loader state: position must be a non-negative integer, got {pos!r}")
         if strict and state.get("fingerprint") != self.dataset.fingerprint():
             raise ValueError("loader state was saved for another sample order (seed, shuffle, datasets, weights or "
-                             "shard contents differ); resuming would not continue the same stream. "
-                             "Pass strict=False to take its position anyway.")
+                             "shard contents differ, e.g. data was appended and packed since); resuming would not "
+                             "continue the same stream")
         self._position = pos
         self._generation += 1
 

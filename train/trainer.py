@@ -317,7 +317,8 @@ class Trainer:
         try:
             self.loader.load_state_dict(meta["loader"])
         except (KeyError, ValueError) as exc:
-            raise CheckpointError(f"{where}: its data position does not fit these shards/loader settings: {exc}") from None
+            raise CheckpointError(f"{where}: its data position does not fit these shards/loader settings: {exc}; "
+                                  f"train a new run on the new shards (--set train.run=NAME)") from None
         try:
             self.grad_accum, note = resume_grad_accum(
                 BatchPlan.from_json(meta.get("batch_plan")), self.cfg.data.batch_size, tc.grad_accum,
