@@ -48,11 +48,15 @@ from shardflow.dataprep.demo_corpus import demo_corpus_path  # noqa: E402
 from shardflow.dataprep.tokenizer import train_model  # noqa: E402
 from shardflow.storage import Storage, digest_bytes  # noqa: E402
 from shardflow.storage.shards import ShardWriter, make_index, token_dtype, write_index  # noqa: E402
+from shardflow.train import baseline as BL  # noqa: E402
 from shardflow.train.config import TrainConfig  # noqa: E402
+from shardflow.train.report import md_table  # noqa: E402
 from shardflow.train.metrics import read_metrics  # noqa: E402
 from shardflow.train.trainer import train  # noqa: E402
 
 VOCAB, SEQ = 4096, 128
+VAL_SEQUENCES = 2048  # 262 k tokens: the fixed validation set (the demo corpus has fewer; then all of them)
+TOKENIZER_CHARS = 10_000_000  # tokenizer sample: enough for 4,096 pieces, half the pipeline's default bound
 
 # The demo's model (configs/demo.yaml). Dense: no MoE layers, FFN hidden = top_k x expert_hidden.
 MOE = {"vocab_size": VOCAB, "dim": 128, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "n_experts": 8, "top_k": 2,
@@ -63,58 +67,92 @@ DENSE = {**MOE, "moe_layers": [], "dense_hidden": MOE["top_k"] * MOE["expert_hid
 # ------------------------------------------------------------------------------------------------ data
 
 
-def corpus_docs() -> list[str]:
-    """Texts of the demo corpus: well-formed records only, exact duplicates and very short ones dropped."""
+def read_docs(files: list[Path]) -> list[str]:
+    """Texts of zstd JSONL files, in order: well-formed records only, exact duplicates and very short ones dropped."""
     import zstandard
 
     seen, docs = set(), []
-    with open(demo_corpus_path(), "rb") as f:
-        raw = zstandard.ZstdDecompressor().stream_reader(f).read()
-    for line in raw.split(b"\n"):
-        try:
-            rec = json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            continue
-        text = rec.get("text") if isinstance(rec, dict) else None
-        if not isinstance(text, str) or len(text.split()) < 30:
-            continue
-        key = hashlib.sha1(text.encode()).digest()
-        if key not in seen:
-            seen.add(key)
-            docs.append(text)
+    for path in files:
+        with open(path, "rb") as f:
+            raw = zstandard.ZstdDecompressor().stream_reader(f).read()
+        for line in raw.split(b"\n"):
+            try:
+                rec = json.loads(line.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError):
+                continue
+            text = rec.get("text") if isinstance(rec, dict) else None
+            if not isinstance(text, str) or len(text.split()) < 30:
+                continue
+            key = hashlib.sha1(text.encode()).digest()
+            if key not in seen:
+                seen.add(key)
+                docs.append(text)
     return docs
 
 
-def build_data(work: Path) -> Storage:
-    """Tokenizer + train/val shards of the demo corpus under ``work/data`` (built once, then reused)."""
+def corpus_files(corpus: str | None) -> list[Path]:
+    """The bench corpus's shards (bench/make_corpus.py output), or the shipped demo corpus when none is given."""
+    if corpus is None:
+        return [Path(demo_corpus_path())]
+    files = sorted(Path(corpus).glob("*.jsonl.zst"))
+    if not files:
+        raise SystemExit(f"error: {corpus}: no *.jsonl.zst files (build one with bench/make_corpus.py)")
+    return files
+
+
+def _encode(sp, docs: list[str], eos: int, dtype) -> np.ndarray:
+    """All documents as one token stream, each followed by EOS (the pipeline's packing)."""
+    parts = []
+    for i in range(0, len(docs), 512):
+        for ids in sp.encode(docs[i:i + 512], num_threads=2):
+            parts.append(np.asarray(ids + [eos], dtype=dtype))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
+
+def build_data(work: Path, corpus: str | None = None, val_sequences: int = VAL_SEQUENCES,
+               tokenizer_chars: int = TOKENIZER_CHARS) -> Storage:
+    """Tokenizer + train/val shards of a corpus under ``work/data`` (built once, then reused).
+
+    Documents are split by a hash of their text (about 5 % held out); validation is the first
+    ``val_sequences`` packed sequences of the held-out documents (all of them when fewer), so the
+    set is fixed and the same for every run. The tokenizer is trained on at most ``tokenizer_chars``
+    characters of training documents only.
+    """
     storage = Storage(str(work / "data"))
     if storage.exists("shards/index.json"):
         return storage
     t0 = time.perf_counter()
-    docs = corpus_docs()
+    files = corpus_files(corpus)
+    docs = read_docs(files)
     is_val = [hashlib.sha1(d.encode()).digest()[0] < 13 for d in docs]  # 13/256 ~ 5 % of documents
     train_docs = [d for d, v in zip(docs, is_val) if not v]
-    lines = [ln for d in train_docs for ln in d.splitlines() if ln.strip()]
-    model = train_model(lines, TokenizerConfig(vocab_size=VOCAB, num_threads=1))
+    val_docs = [d for d, v in zip(docs, is_val) if v]
+    lines, chars = [], 0
+    for d in train_docs:
+        for ln in d.splitlines():
+            if ln.strip() and chars < tokenizer_chars:
+                lines.append(ln)
+                chars += len(ln)
+    model = train_model(lines, TokenizerConfig(vocab_size=VOCAB, num_threads=2))
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_proto=model)
     dtype = token_dtype(VOCAB)
     splits = {}
-    for split, want_val in (("train", False), ("val", True)):
-        toks: list[int] = []
-        for d, v in zip(docs, is_val):
-            if v == want_val:
-                toks += sp.encode(d) + [sp.eos_id()]
-        n = len(toks) // (SEQ + 1)
+    for split, split_docs, cap in (("train", train_docs, None), ("val", val_docs, val_sequences)):
+        toks = _encode(sp, split_docs, sp.eos_id(), dtype)
+        n = len(toks) // (SEQ + 1) if cap is None else min(cap, len(toks) // (SEQ + 1))
         with ShardWriter(storage, split, SEQ, dtype, rows_per_member=64, samples_per_shard=2048) as w:
-            w.write(np.asarray(toks[: n * (SEQ + 1)], dtype=dtype).reshape(n, SEQ + 1))
+            w.write(toks[: n * (SEQ + 1)].reshape(n, SEQ + 1))
         splits[split] = w.shards
     storage.write_bytes("tokenizer/spm.model", model)
     write_index(storage, make_index(SEQ, dtype, VOCAB, digest_bytes(model), sp.eos_id(), splits))
     n = {s: sum(e["samples"] for e in v) for s, v in splits.items()}
-    print(f"data: {len(docs)} documents, {n['train']} train / {n['val']} val sequences of {SEQ} tokens "
-          f"({n['train'] * SEQ / 1e6:.2f} M train tokens), built in {time.perf_counter() - t0:.0f} s", flush=True)
+    storage.write_json("corpus.json", {"corpus": [str(f) for f in files], "documents": len(docs), "val_documents": len(val_docs),
+                                       "train_sequences": n["train"], "val_sequences": n["val"], "tokenizer_chars": chars})
+    print(f"data: {len(docs)} documents ({len(val_docs)} held out) from {len(files)} file(s), {n['train']} train / "
+          f"{n['val']} val sequences of {SEQ} tokens ({n['train'] * SEQ / 1e6:.2f} M train tokens), "
+          f"built in {time.perf_counter() - t0:.0f} s", flush=True)
     return storage
 
 
@@ -147,16 +185,22 @@ def run_config(kind: str, seed: int, args: argparse.Namespace, val_batches: int)
 
 
 def one_run(storage: Storage, cfg: TrainConfig) -> dict:
+    """Train one run, then score its last checkpoint with the evaluation's code (``train.baseline``) on
+    the same validation rows as the trainer's final val loss (all of the fixed validation set)."""
     if storage.exists(f"runs/{cfg.run}"):
         storage.remove(f"runs/{cfg.run}", recursive=True)
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):  # the trainer's start line; progress is off
         summary = train(cfg, storage)
     log = read_metrics(storage, f"runs/{cfg.run}/metrics.jsonl")
+    index = storage.read_json("shards/index.json")
+    score = BL.score_run(storage, index, cfg.run, index["tokenizer_digest"], cfg.data.batch_size,
+                         cfg.trainer.eval_batches, torch.device("cpu"))
     storage.remove(f"runs/{cfg.run}/checkpoints", recursive=True)
     warm = cfg.optim.warmup_steps
     return {
-        "run": cfg.run, "val_loss": summary["val_loss"], "train_loss_last10": statistics.fmean(r["loss"] for r in log[-10:]),
+        "run": cfg.run, "val_loss": score["val_loss"], "trainer_val_loss": summary["val_loss"], "score": score,
+        "train_loss_last10": statistics.fmean(r["loss"] for r in log[-10:]),
         "val_curve": [(r["step"], round(r["val_loss"], 4)) for r in log if "val_loss" in r],
         "max_grad_norm": max(r["grad_norm"] for r in log),
         "max_grad_norm_step": max(log, key=lambda r: r["grad_norm"])["step"],
@@ -191,14 +235,23 @@ def summarize(results: dict[str, list[dict]]) -> dict:
         gap = out["dense"]["mean"] - out["moe"]["mean"]
         spread = max(out["moe"]["spread"], out["dense"]["spread"])
         paired = [d["val_loss"] - m["val_loss"] for m, d in zip(results["moe"], results["dense"])]
-        out["verdict"] = {"dense_minus_moe": gap, "seed_spread": spread, "paired_dense_minus_moe": paired,
-                          "moe_wins_beyond_spread": gap > spread}
+        p_std = statistics.stdev(paired) if len(paired) > 1 else 0.0
+        out["verdict"] = {
+            "dense_minus_moe": gap, "seed_spread": spread, "moe_wins_beyond_spread": gap > spread,
+            # The weaker readings: the gap against one standard deviation across seeds, and the paired
+            # differences (the two models of a seed see the same batches) as mean, std and t statistic.
+            "seed_std": max(out["moe"]["std"], out["dense"]["std"]),
+            "moe_wins_beyond_std": gap > max(out["moe"]["std"], out["dense"]["std"]),
+            "paired_dense_minus_moe": paired, "paired_mean": statistics.fmean(paired), "paired_std": p_std,
+            "paired_t": statistics.fmean(paired) / (p_std / len(paired) ** 0.5) if p_std > 0 else None,
+            "moe_lower_on_every_seed": all(x > 0 for x in paired)}
     return out
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", default=str(Path(__file__).resolve().parent / "_data" / "moe_vs_dense"))
+    ap.add_argument("--corpus", default=None, help="folder of *.jsonl.zst shards (bench/make_corpus.py); default: the demo corpus")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--models", nargs="+", default=["moe", "dense"], choices=["moe", "dense"])
     ap.add_argument("--steps", type=int, default=200)
@@ -214,8 +267,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    storage = build_data(Path(args.work))
+    storage = build_data(Path(args.work), args.corpus)
     index = storage.read_json("shards/index.json")
+    if args.steps * args.batch > index["splits"]["train"]["samples"]:
+        raise SystemExit(f"error: {args.steps} steps x batch {args.batch} read more than the "
+                         f"{index['splits']['train']['samples']} training sequences: some would be seen twice; "
+                         "use a larger --corpus or fewer steps")
     val_batches = max(1, index["splits"]["val"]["samples"] // args.batch)
     results: dict[str, list[dict]] = {k: [] for k in args.models}
     t0 = time.perf_counter()
@@ -242,12 +299,19 @@ def main(argv: list[str] | None = None) -> dict:
                            "wall_s": round(time.perf_counter() - t0, 1)}
     for kind in args.models:
         s = summary[kind]
-        print(f"{kind:5s}: val loss mean {s['mean']:.4f}, std {s['std']:.4f}, spread (max-min) {s['spread']:.4f} over "
+        print(f"{kind:5s}: val loss mean {s['mean']:.4f}, std {s['std']:.4f}, range (max-min) {s['spread']:.4f} over "
               f"{len(args.seeds)} seeds; {s['active_params'] / 1e6:.3f} M active of {s['params'] / 1e6:.3f} M params")
     if "verdict" in summary:
+        for seed, m, d in zip(args.seeds, results["moe"], results["dense"]):
+            # The evaluation report's "vs baseline" table (eval.compare_with), dense as the baseline.
+            cmp = BL.compare(m["score"], d["score"])
+            print(f"\nseed {seed}: {BL.comparison_note(cmp)}\n{md_table(BL.comparison_rows(cmp))}", end="")
         v = summary["verdict"]
-        print(f"dense - moe = {v['dense_minus_moe']:+.4f} nats/token vs seed spread {v['seed_spread']:.4f}: "
-              f"{'MoE wins beyond the spread' if v['moe_wins_beyond_spread'] else 'not beyond the spread'}")
+        print(f"\npaired dense - moe per seed: {', '.join(f'{x:+.4f}' for x in v['paired_dense_minus_moe'])}; "
+              f"mean {v['paired_mean']:+.4f}, std {v['paired_std']:.4f}, t {v['paired_t'] or float('nan'):.1f}")
+        print(f"target mean(dense) - mean(moe) > max(range_dense, range_moe): {v['dense_minus_moe']:+.4f} vs "
+              f"{v['seed_spread']:.4f}: {'MET' if v['moe_wins_beyond_spread'] else 'NOT met'}; std reading: "
+              f"{v['dense_minus_moe']:+.4f} vs max std {v['seed_std']:.4f}: {'met' if v['moe_wins_beyond_std'] else 'not met'}")
     print(json.dumps({"results": results, "summary": summary}))
     return summary
 

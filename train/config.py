@@ -145,3 +145,7 @@ class EvalConfig(_Section):
     seed: int = 0
     val_fraction: float | None = Field(None, ge=0, le=1, description="Train/val split of documents; None = from the root's pipeline.yaml (prep.tokenize), else the default.")
     split_seed: int | None = Field(None, description="Split hash seed; None = as val_fraction.")
+    compare_with: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.\-]+$",
+        description="A baseline run under the same dataset root: its latest checkpoint is scored on the same validation "
+        "rows and the report gets a 'vs baseline' table (val loss, active and total parameters, tokens seen, difference).")

@@ -8,8 +8,8 @@ always belongs to a complete evaluation.
 The parts, one module each: the model from a checkpoint (``eval_model``), what is read besides it
 -- data checks, split settings, held-out documents (``eval_data``) --, the validation rows shared
 with the trainer (``validation``), perplexity overall and per source (``perplexity``), expert
-statistics (``expert_stats``), generated and lm-eval-style tasks (``tasks``) and the report
-(``report``). This module puts them together.
+statistics (``expert_stats``), generated and lm-eval-style tasks (``tasks``), the comparison with a baseline
+run (``baseline``, when ``eval.compare_with`` names one) and the report (``report``). This module puts them together.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from shardflow.storage.layout import eval_dir, metrics_ref
 from shardflow.storage.shards import read_index
 from shardflow.storage.tokenizer_files import load_tokenizer
 
+from . import baseline as BL
 from . import report as rep
 from . import tasks as T
 from .config import EvalConfig, TrainConfig
@@ -90,6 +91,12 @@ def run_evaluation(train_cfg: TrainConfig, eval_cfg: EvalConfig, storage: Storag
     finally:
         stats.close()
     experts = stats.summary()
+    vs_baseline = None
+    if eval_cfg.compare_with:
+        if eval_cfg.compare_with == run:
+            raise EvaluationError(f"eval.compare_with={run!r} names the evaluated run itself; name another run of this root")
+        vs_baseline = BL.compare(BL.score_model(model, train_cfg.model, ck, run, val),
+                                 BL.score_run(storage, index, eval_cfg.compare_with, tok_digest, bs, eval_cfg.max_val_batches, device))
 
     docs = held_out_documents(storage, settings, eval_cfg.held_out_docs, eval_cfg.seed)
     per_source = {}
@@ -155,6 +162,8 @@ def run_evaluation(train_cfg: TrainConfig, eval_cfg: EvalConfig, storage: Storag
         "tasks": task_results,
         "experts": experts,
     }
+    if vs_baseline is not None:
+        results["vs_baseline"] = vs_baseline
     results["metrics"] = rep.flatten_metrics(results)
     previous = _read_previous(storage, run)
     if previous:

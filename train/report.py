@@ -16,6 +16,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from .baseline import comparison_note, comparison_rows
 from .metrics import read_metrics  # noqa: F401 - the one metrics.jsonl reader; evaluation reads it from here
 
 PLOT_FILES = {"loss": "loss.png", "lr": "lr.png", "expert_load": "expert_load.png"}
@@ -165,6 +166,9 @@ def flatten_metrics(results: dict[str, Any]) -> dict[str, float]:
         put(f"experts.layer{layer}.cv", cv)
         put(f"experts.layer{layer}.router_entropy", ent)
     put("experts.dropped_fraction", ex.get("dropped_fraction"))
+    vb = results.get("vs_baseline") or {}
+    put("baseline.val.loss", (vb.get("baseline") or {}).get("val_loss"))
+    put("baseline.val.loss_diff", (vb.get("difference") or {}).get("val_loss"))
     return flat
 
 
@@ -190,7 +194,7 @@ def _fmt(x: Any, digits: int = 4) -> str:
     return str(x)
 
 
-def _md_table(rows: Sequence[dict[str, Any]]) -> str:
+def md_table(rows: Sequence[dict[str, Any]]) -> str:
     if not rows:
         return "_none_\n"
     cols = list(rows[0])
@@ -229,7 +233,10 @@ def build_tables(results: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
         experts.append({"layer": layer, "cv": ex["cv"][i], "router_entropy": ex["router_entropy"][i],
                         "entropy/log(E)": ex["router_entropy_norm"][i], "min_share": min(counts) / total,
                         "max_share": max(counts) / total, "tokens_per_expert": " ".join(str(c) for c in counts)})
-    return {"summary": summary, "per_source": per_source, "tasks": tasks, "experts": experts}
+    tables = {"summary": summary, "per_source": per_source, "tasks": tasks, "experts": experts}
+    if results.get("vs_baseline"):
+        tables["vs_baseline"] = comparison_rows(results["vs_baseline"])
+    return tables
 
 
 def render_markdown(results: dict[str, Any], tables: dict[str, list[dict[str, Any]]], plots: dict[str, str]) -> str:
@@ -251,15 +258,17 @@ def render_markdown(results: dict[str, Any], tables: dict[str, list[dict[str, An
     note = results.get("per_source_note")
     if note:
         lines += [note, ""]
-    lines.append(_md_table(tables["per_source"]))
+    lines.append(md_table(tables["per_source"]))
     lines += ["## Downstream tasks", "", "Log-likelihood scoring; `acc_norm` normalizes by the choice's length in bytes "
-              "(as lm-evaluation-harness does).", "", _md_table(tables["tasks"])]
+              "(as lm-evaluation-harness does).", "", md_table(tables["tasks"])]
     ex = results.get("experts", {})
     lines += ["## Expert statistics", "",
               f"On the validation batches; dropped token-slot fraction {_fmt(ex.get('dropped_fraction'))}; "
               "cv = coefficient of variation of tokens per expert (0 = perfectly balanced); router entropy is the "
-              "mean per-token entropy of the router's softmax (nats; log(E) = uniform).", "", _md_table(tables["experts"])]
-    lines += ["## Summary", "", _md_table(tables["summary"])]
+              "mean per-token entropy of the router's softmax (nats; log(E) = uniform).", "", md_table(tables["experts"])]
+    if tables.get("vs_baseline"):
+        lines += ["## vs baseline", "", comparison_note(results["vs_baseline"]), "", md_table(tables["vs_baseline"])]
+    lines += ["## Summary", "", md_table(tables["summary"])]
     lines += ["## Plots", ""]
     for title, key in (("Loss", "loss"), ("Learning rate", "lr"), ("Expert load", "expert_load")):
         if key in plots:
