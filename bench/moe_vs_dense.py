@@ -1,27 +1,41 @@
 """Does the MoE beat a dense model with the same active parameters, on the same tokens?
 
 Trains, with the real trainer (``shardflow.train.trainer.train``: streaming loader, AdamW, warmup +
-cosine, clipping), the demo's MoE (4 layers, dim 128, 8 SwiGLU experts of 256, top-2) and a dense
-model whose FFN has the MoE's *active* width (hidden 512 = top_k × expert_hidden; attention,
-embeddings and head identical), for several seeds. A seed fixes the initial weights and the sample
-order, and both models of a seed see exactly the same batches. Reports the validation loss (all of
-the validation split, token-weighted) of every run, mean and spread per model, and whether the MoE's
-mean is below the dense mean by more than the spread across seeds (max − min of either model).
+cosine, clipping), a MoE (4 layers, dim 128, 32 SwiGLU experts of 128, top-4: 1.525 M active of
+7.55 M parameters) and a dense model whose FFN has the MoE's *active* width (hidden 512 = top_k ×
+expert_hidden; attention, embeddings and head identical: 1.508 M; the MoE's routers are the 1.1 %
+more), for several seeds. A seed fixes
+the initial weights and the sample order, and both models of a seed see exactly the same batches.
+Each final checkpoint is scored with the evaluation's own code (``train.baseline``, what
+``eval.compare_with`` adds to the evaluation report) on the whole fixed validation set, and the
+"vs baseline" table (dense as the baseline) is printed per seed. Reports per model the validation
+loss of every seed, mean, std and range (max − min), the paired differences, and the target:
+mean(dense) − mean(MoE) > max(range_dense, range_MoE).
 
-Data: the shipped demo corpus (``dataprep/data/demo_corpus.jsonl.zst``, real documentation text;
-the bench corpus of bench/make_corpus.py needs Debian documentation packages this machine lacks),
-malformed lines skipped, exact duplicates and documents under 30 words dropped, 5 % of documents
-held out for validation by a hash of their text, a sentencepiece BPE of 4,096 pieces trained with
-the project's tokenizer settings on the training documents, sequences of 128 tokens packed into
-WebDataset shards with ``storage.shards`` — the same layout the pipeline writes. Built once into
-``--work`` and reused.
+Why 32 experts of 128, top-4: at equal active parameters, more and finer-grained experts (the
+DeepSeekMoE / OLMoE direction) gave the largest gain in single-seed runs of 600 steps (figures in
+bench/RESULTS.md); the demo's 8 experts of 256, top-2, were level with dense at this length.
 
-    python bench/moe_vs_dense.py                        # 3 seeds x {moe, dense}, 200 steps (warmup 20)
-    python bench/moe_vs_dense.py --jobs 6               # the six runs in parallel processes
-    python bench/moe_vs_dense.py --seeds 0 1 2 3 4 --steps 300 --warmup 30   # the demo's length
-    python bench/moe_vs_dense.py --set moe:model.router.aux_loss_coef=0.0   # a what-if for one model
+Data (``--corpus``): the bench corpus of bench/make_corpus.py (zstd JSONL shards of Debian
+documentation); without it, the shipped demo corpus (``dataprep/data/demo_corpus.jsonl.zst``), so
+the script runs on a fresh clone. Malformed lines skipped, exact duplicates and documents under 30
+words dropped, about 5 % of documents held out by a hash of their text; validation = the first
+2,048 packed sequences of the held-out documents (262 k tokens; all of them when fewer), the same
+for every run. A sentencepiece BPE of 4,096 pieces with the project's tokenizer settings, trained
+on at most 10 M characters of training documents; sequences of 128 tokens packed into WebDataset
+shards with ``storage.shards`` (the pipeline's layout). Built once into ``--work`` and reused. A
+run that would read more sequences than the training split holds is refused: no sequence is seen
+twice.
 
-Prints one line per run and a JSON summary at the end.
+    python bench/make_corpus.py --out /tmp/bench_corpus --target-mb 60 --skip-missing
+    python bench/moe_vs_dense.py --corpus /tmp/bench_corpus --work /tmp/mvd --jobs 2   # 3 seeds x {moe, dense}, 600 steps
+    python bench/moe_vs_dense.py --seeds 0 --steps 100                                  # demo corpus, a quick look
+    python bench/moe_vs_dense.py --set moe:model.n_experts=8 --set moe:model.top_k=2 --set moe:model.expert_hidden=256
+    python bench/moe_vs_dense.py --lr 6e-3 --set dense:optim.lr=2e-3                    # per-model learning rate
+
+``--jobs N`` runs N trainings at once, each in its own spawned process with ``--threads`` torch
+threads; the result does not depend on it (CPU kernels are deterministic for a fixed thread count).
+Prints one line per run, the tables and the verdict, and a JSON summary at the end.
 """
 from __future__ import annotations
 
@@ -56,11 +70,13 @@ from shardflow.train.trainer import train  # noqa: E402
 
 VOCAB, SEQ = 4096, 128
 VAL_SEQUENCES = 2048  # 262 k tokens: the fixed validation set (the demo corpus has fewer; then all of them)
+SCORE_BATCH = 64  # rows per forward when scoring the final checkpoint (every validation row either way)
 TOKENIZER_CHARS = 10_000_000  # tokenizer sample: enough for 4,096 pieces, half the pipeline's default bound
 
-# The demo's model (configs/demo.yaml). Dense: no MoE layers, FFN hidden = top_k x expert_hidden.
-MOE = {"vocab_size": VOCAB, "dim": 128, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "n_experts": 8, "top_k": 2,
-       "expert_hidden": 256, "max_seq_len": SEQ}
+# The demo's attention and sizes (configs/demo.yaml) with 32 experts of 128, top-4 (the demo: 8 of 256, top-2).
+# Dense: no MoE layers, FFN hidden = top_k x expert_hidden.
+MOE = {"vocab_size": VOCAB, "dim": 128, "n_layers": 4, "n_heads": 4, "n_kv_heads": 2, "n_experts": 32, "top_k": 4,
+       "expert_hidden": 128, "max_seq_len": SEQ}
 DENSE = {**MOE, "moe_layers": [], "dense_hidden": MOE["top_k"] * MOE["expert_hidden"]}
 
 
@@ -173,7 +189,7 @@ def run_config(kind: str, seed: int, args: argparse.Namespace, val_batches: int)
         "data": {"batch_size": args.batch, "num_workers": 0, "seed": seed},
         "optim": {"lr": args.lr, "warmup_steps": args.warmup},
         "trainer": {"steps": args.steps, "seed": seed, "device": "cpu", "progress": False, "log_every": 50,
-                    "eval_every": args.eval_every or args.steps, "eval_batches": val_batches},
+                    "eval_every": args.eval_every, "eval_batches": val_batches},
         "checkpoint": {"every_steps": 0, "keep_last": 1},
     }
     for item in args.set:
@@ -194,12 +210,13 @@ def one_run(storage: Storage, cfg: TrainConfig) -> dict:
         summary = train(cfg, storage)
     log = read_metrics(storage, f"runs/{cfg.run}/metrics.jsonl")
     index = storage.read_json("shards/index.json")
-    score = BL.score_run(storage, index, cfg.run, index["tokenizer_digest"], cfg.data.batch_size,
-                         cfg.trainer.eval_batches, torch.device("cpu"))
+    val_rows = index["splits"]["val"]["samples"]
+    score = BL.score_run(storage, index, cfg.run, index["tokenizer_digest"], SCORE_BATCH,
+                         -(-val_rows // SCORE_BATCH), torch.device("cpu"))
     storage.remove(f"runs/{cfg.run}/checkpoints", recursive=True)
     warm = cfg.optim.warmup_steps
     return {
-        "run": cfg.run, "val_loss": score["val_loss"], "trainer_val_loss": summary["val_loss"], "score": score,
+        "run": cfg.run, "val_loss": score["val_loss"], "trainer_val_loss": summary.get("val_loss"), "score": score,
         "train_loss_last10": statistics.fmean(r["loss"] for r in log[-10:]),
         "val_curve": [(r["step"], round(r["val_loss"], 4)) for r in log if "val_loss" in r],
         "max_grad_norm": max(r["grad_norm"] for r in log),
@@ -254,11 +271,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--corpus", default=None, help="folder of *.jsonl.zst shards (bench/make_corpus.py); default: the demo corpus")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--models", nargs="+", default=["moe", "dense"], choices=["moe", "dense"])
-    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--warmup", type=int, default=20)
-    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--warmup", type=int, default=40)
+    ap.add_argument("--eval-every", type=int, default=0,
+                    help="trainer validation every N steps, for the curve (0 = none; the final checkpoint is always scored)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads per run")
     ap.add_argument("--jobs", type=int, default=1, help="runs at once, each in its own process")
     ap.add_argument("--set", action="append", default=[], metavar="[moe|dense:]train.KEY=VALUE",
