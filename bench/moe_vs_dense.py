@@ -4,8 +4,8 @@ Trains, with the real trainer (``shardflow.train.trainer.train``: streaming load
 cosine, clipping), a MoE (4 layers, dim 128, 32 SwiGLU experts of 128, top-4: 1.525 M active of
 7.55 M parameters) and a dense model whose FFN has the MoE's *active* width (hidden 512 = top_k ×
 expert_hidden; attention, embeddings and head identical: 1.508 M; the MoE's routers are the 1.1 %
-more), for several seeds. A seed fixes
-the initial weights and the sample order, and both models of a seed see exactly the same batches.
+more), for several seeds. A seed fixes the initial weights and the sample order, and both models
+of a seed see exactly the same batches.
 Each final checkpoint is scored with the evaluation's own code (``train.baseline``, what
 ``eval.compare_with`` adds to the evaluation report) on the whole fixed validation set, and the
 "vs baseline" table (dense as the baseline) is printed per seed. Reports per model the validation
@@ -64,8 +64,8 @@ from shardflow.storage import Storage, digest_bytes  # noqa: E402
 from shardflow.storage.shards import ShardWriter, make_index, token_dtype, write_index  # noqa: E402
 from shardflow.train import baseline as BL  # noqa: E402
 from shardflow.train.config import TrainConfig  # noqa: E402
-from shardflow.train.report import md_table  # noqa: E402
 from shardflow.train.metrics import read_metrics  # noqa: E402
+from shardflow.train.report import md_table  # noqa: E402
 from shardflow.train.trainer import train  # noqa: E402
 
 VOCAB, SEQ = 4096, 128
