@@ -8,28 +8,14 @@ import shutil
 import numpy as np
 import pytest
 
-from shardflow.dataprep.config import PrepConfig
 from shardflow.dataprep.stage import run_stage
 from shardflow.dataprep.tokenize import PackStage, read_stream, stream_ref, tokenize_stages
 from shardflow.storage import Storage
 from shardflow.storage.manifest import ShardRecord, output_ref, read_record, remove_record, write_record
 from shardflow.storage.shards import INDEX_REF, read_index, read_member_rows, verify_shard
 
-from .test_tokenize import TOK, all_files, template  # noqa: F401 - the module fixture is shared
+from .test_tokenize import all_files, cfg_with, run_all, template  # noqa: F401 - the module fixture is shared
 from .test_tokenize import docs  # noqa: F401
-
-
-def cfg_with(**tokenize) -> PrepConfig:
-    return PrepConfig(tokenizer={"vocab_size": 800, "sample_docs": 500}, tokenize={**TOK, **tokenize})
-
-
-def run_all(storage: Storage, cfg: PrepConfig) -> dict:
-    out = {}
-    for stage in tokenize_stages(cfg):
-        res = run_stage(stage, storage)
-        assert not res["failed"], res["failed"]
-        out[stage.name] = res
-    return out
 
 
 def hide_upstream(storage: Storage, shard_id: str) -> ShardRecord:
