@@ -32,7 +32,7 @@ import numpy as np
 
 from shardflow.storage import Storage
 from shardflow.storage.jsonl import read_parquet_if_intact
-from shardflow.storage.manifest import StatCache, read_record
+from shardflow.storage.manifest import check_outputs, read_record
 
 from .dedup_common import CLUSTERS, FORMAT_VERSION, GLOBAL_SHARD, STATE_REF, dumps, prefetched
 from .dedup_graph import Groups
@@ -50,12 +50,15 @@ def previous_state(storage: Storage, config_digest: str, sigs: dict[str, str]) -
     old = state.get("shards") or {}
     if not old or any(sigs.get(s) != dg for s, dg in old.items()) or set(sigs) == set(old):
         return None                  # a shard changed or went away, or nothing was added
-    drops = {s: rec.outputs.get(f"drops.{s}") for s in old}
-    stats = StatCache(storage)  # one listing of the drop lists' folder, not a HEAD per shard
-    for out in drops.values():
-        st = stats.stat(out.ref) if out is not None else None
-        if st is None or st.size != out.bytes or (out.fingerprint and st.fingerprint != out.fingerprint):
-            return None              # gone or rewritten since: a full run decides afresh
+    drops = {f"drops.{s}": rec.outputs.get(f"drops.{s}") for s in old}
+    if any(out is None for out in drops.values()):
+        return None
+    # The manifest's own check: one listing of the folder, a re-hash only where a fingerprint
+    # changed; a drop list gone or rewritten since means a full run decides afresh.
+    problems, refreshed = check_outputs(storage, rec.model_copy(update={"outputs": drops}))
+    if problems:
+        return None
+    drops = {name[len("drops."):]: out for name, out in (refreshed or drops).items()}
     return {"shards": old, "drops": drops, "dropped_total": int(state.get("dropped_total", 0))}
 
 

@@ -11,6 +11,7 @@ import posixpath
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 from typing import Any
 
 import numpy as np
@@ -132,24 +133,13 @@ def prefetched(fn: Callable[[Any], Any], items: list[Any], depth: int = 8) -> It
     after another they made an append's cluster phase cost 10 s for 200 shards on S3; a bounded
     window keeps the requests overlapping while only ``depth`` files are held in memory at once.
     """
-    if not items:
-        return
-    with ThreadPoolExecutor(max_workers=min(depth, len(items))) as pool:
-        window: deque = deque()
-        it = iter(items)
-        for item in it:
-            window.append((item, pool.submit(fn, item)))
-            if len(window) >= depth:
-                break
+    with ThreadPoolExecutor(max_workers=max(1, min(depth, len(items)))) as pool:
+        pending = iter(items)
+        window = deque((item, pool.submit(fn, item)) for item in islice(pending, depth))
         while window:
             item, fut = window.popleft()
-            nxt = next(it, _END)
-            if nxt is not _END:
-                window.append((nxt, pool.submit(fn, nxt)))
+            window.extend((nxt, pool.submit(fn, nxt)) for nxt in islice(pending, 1))
             yield item, fut.result()
-
-
-_END = object()
 
 
 def concat(arrays: list[np.ndarray], dtype: Any, width: int | None = None) -> np.ndarray:

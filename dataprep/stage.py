@@ -38,6 +38,7 @@ from shardflow.storage.manifest import (
     list_records,
     output_ref,
     record_session,
+    refresh_index,
     remove_record,
     write_record,
 )
@@ -312,7 +313,7 @@ def run_stage(stage: Stage, storage: Storage, only: Iterable[str] | None = None,
             done.append(p.spec.shard_id)
         except ShardFailed as exc:
             failed[p.spec.shard_id] = str(exc)
-    list_records(storage, stage.name, update_index=True)
+    refresh_index(storage, stage.name)
     return {"stage": stage.name, "ran": done, "skipped": skipped, "failed": failed, "retired": retired}
 
 

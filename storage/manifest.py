@@ -162,15 +162,14 @@ def list_records(storage: Storage, stage: str, update_index: bool = False) -> di
     behind the files; only for the root lock's holder.
     """
     cache = _SESSION.get()
-    mdir = manifest_dir(stage)
-    listed = {name[: -len(".json")]: st for name, st in storage.stat_dir(mdir).items()
+    listed = {name[: -len(".json")]: st for name, st in storage.stat_dir(manifest_dir(stage)).items()
               if name.endswith(".json") and name != INDEX_NAME}
     if not listed:
         return {}
     out: dict[str, ShardRecord] = {}
     todo = []
     for shard_id in listed:
-        uri = storage.uri(f"{mdir}/{shard_id}.json")
+        uri = storage.uri(record_ref(stage, shard_id))
         if cache is not None and uri in cache:
             if cache[uri] is not None:
                 out[shard_id] = cache[uri]
@@ -191,13 +190,13 @@ def list_records(storage: Storage, stage: str, update_index: bool = False) -> di
             continue
         out[shard_id] = rec
         if cache is not None:
-            cache[storage.uri(f"{mdir}/{shard_id}.json")] = rec
-    data = storage.read_many([f"{mdir}/{s}.json" for s in fetch])
+            cache[storage.uri(record_ref(stage, shard_id))] = rec
+    data = storage.read_many([record_ref(stage, s) for s in fetch])
     for shard_id in fetch:
-        raw = data.get(f"{mdir}/{shard_id}.json")
+        raw = data.get(record_ref(stage, shard_id))
         rec = ShardRecord.model_validate(json.loads(raw)) if raw is not None else None
         if cache is not None:
-            cache[storage.uri(f"{mdir}/{shard_id}.json")] = rec
+            cache[storage.uri(record_ref(stage, shard_id))] = rec
         if rec is not None:
             out[shard_id] = rec
     if update_index:

@@ -101,3 +101,27 @@ def test_altered_bucket_index_is_rebuilt_not_trusted(local_storage, distinct):
     assert rec["b0000"].counts["files_read"] == 2 and "files_reused" not in rec["b0000"].counts
     assert rec["b0001"].counts["files_reused"] == 2
     assert {b: local_storage.read_bytes(dd.bucket_ref(b)) for b in groups} == groups
+
+
+def test_earlier_drop_lists_are_checked_by_fingerprint_touched_is_fine_rewritten_is_not(local_storage, distinct):
+    """previous_state checks the earlier drop lists as the manifest checks outputs: a touch (new
+    mtime, same bytes) still appends, with the record carrying the new fingerprint; other bytes
+    under the same name mean a full re-cluster."""
+    import os
+
+    shards = [distinct[:20], distinct[20:40] + [dict(distinct[3], id="copy-3")]]
+    write_filter_shards(local_storage, shards)
+    run_dedup(local_storage, cfg("append"))
+    path = os.path.join(local_storage.root, dd.drop_ref("000001"))
+    os.utime(path, ns=(1, 1))                                         # touched: same bytes
+    write_filter_shards(local_storage, shards + [[dict(distinct[5], id="copy-5")]])
+    run_dedup(local_storage, cfg("append"))
+    assert local_storage.read_json(dd.REPORT_REF)["mode"] == "append"
+    kept = list_records(local_storage, "dedup_clusters")["_all"].outputs["drops.000001"]
+    assert kept.fingerprint.endswith(f"mtime_ns={os.stat(path).st_mtime_ns}")
+
+    raw = local_storage.read_bytes(dd.drop_ref("000001"))            # rewritten with other bytes
+    local_storage.write_bytes(dd.drop_ref("000001"), raw + b"\0")
+    write_filter_shards(local_storage, shards + [[dict(distinct[5], id="copy-5")], [dict(distinct[7], id="copy-7")]])
+    run_dedup(local_storage, cfg("append"))
+    assert local_storage.read_json(dd.REPORT_REF)["mode"] == "full"
